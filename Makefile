@@ -1,0 +1,33 @@
+# The README names two commands: `make demo` and `make test`. Both create .venv with uv when missing.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export UV_PYTHON_DOWNLOADS := never
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-fast bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	@test -x $(PY) || uv venv --quiet --python 3.11 $(VENV)
+	uv pip install --quiet --python $(PY) -e '.[test]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/crowdseg fit experiments/p2p/synthetic.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/metrics.py
+	$(PY) benchmarks/dpmo.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Shared LightningDataModules, dataset readers, transforms and label-fraction splits."""

@@ -1,0 +1,3 @@
+from crowdseg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Typed configuration schema: every key an experiment YAML may set, with its default.
+
+Each section is a small dataclass; `ExperimentConfig` composes them. OmegaConf merges experiment
+files and `key=value` overrides onto this schema, so an unknown key, a wrong type or a missing
+required value fails before anything runs (see `crowdseg.config.load`). `None` means "the
+component's own default".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in synthetic crowd (datamodules/synthetic.py)."""
+    num_train: int = 64
+    num_val: int = 16
+    num_test: int = 16
+    height: int = 256
+    width: int = 256
+    min_people: int = 5
+    max_people: int = 120
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"          # synthetic | sha | shb | qnrf | ucf_cc_50 | jhu | nwpu | cclabeler | ...
+    root: Optional[str] = None       # dataset root on disk (not used by `synthetic`)
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    batch_size: int = 8              # global batch size, divided by the world size
+    eval_batch_size: int = 1
+    num_workers: int = 2
+    crop_size: Optional[int] = 128   # square training crop; None trains on whole images
+    max_size: Optional[int] = None   # resize so the long side is at most this (preprocessing cache)
+    label_fraction: float = 100.0    # percent of labeled training images (5, 10, 40 or 100)
+    split_seed: int = 0              # seed of the label-fraction split (independent of `seed`)
+    on_bad_annotation: str = "fail"  # fail | skip
+    cache_dir: Optional[str] = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    """The P2PNet-style point predictor (crowdseg/models/p2p.py)."""
+    backbone: str = "vgg16_bn"
+    pretrained: Optional[str] = None  # local path of backbone weights; None = random init
+    fpn_channels: int = 256
+    head_channels: int = 256
+    anchor_rows: int = 2
+    anchor_cols: int = 2
+    regression_scale: float = 100.0   # gamma: point = anchor + gamma * regression
+
+
+@dataclass
+class PointLossConfig:
+    """P2PNet matching and loss (crowdseg/losses/p2p.py)."""
+    cost_class: float = 1.0
+    cost_point: float = 0.05
+    eos_coef: float = 0.5
+    point_loss_coef: float = 2e-4
+    score_threshold: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    backbone_lr: float = 1e-5
+    weight_decay: float = 1e-4
+    grad_clip: Optional[float] = 0.1
+    step_size: int = 3500             # StepLR step in epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to `lightning.Trainer` (only these keys)."""
+    max_epochs: int = 10
+    max_steps: int = -1
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 10
+    check_val_every_n_epoch: int = 1
+    limit_train_batches: Optional[float] = None
+    limit_val_batches: Optional[float] = None
+    limit_test_batches: Optional[float] = None
+    fast_dev_run: bool = False
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"            # online | offline | disabled
+    project: str = "crowdseg"
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    num_pictures: int = 4             # prediction overlays saved per validation
+
+
+@dataclass
+class SamConfig:
+    """SAM backend (crowdseg/sam)."""
+    model_type: str = "tiny"          # vit_b | vit_l | vit_h | vit_t | tiny
+    checkpoint: Optional[str] = None  # local checkpoint path; None only for `tiny`/random tests
+    prompt_chunk: int = 128
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = MISSING               # experiment name (defaults to the YAML file's stem)
+    method: str = "p2p"               # p2p | rps | xmask | boxinst | dpmo
+    seed: int = 0
+    runs_root: str = "runs"
+    run_name: Optional[str] = None    # default: derived from method, dataset, label fraction, seed
+    resume: bool = True               # `fit` continues from checkpoints/last.ckpt when present
+    ckpt_path: Optional[str] = None   # weights for validate/test/predict (default: the run's last.ckpt)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: PointLossConfig = field(default_factory=PointLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
