@@ -1,0 +1,55 @@
+"""`CrowdDataModule`: the fully supervised DataModule, agnostic of where its datasets come from."""
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from crowdseg.errors import ConfigError
+from datamodules.types import collate_samples
+
+
+def per_device_batch_size(global_batch_size: int, world_size: int) -> int:
+    """Split a global batch size over `world_size` processes; it must divide evenly."""
+    if global_batch_size % world_size:
+        raise ConfigError(f"key 'data.batch_size': global batch size {global_batch_size} is not divisible "
+                          f"by the world size {world_size} (devices x nodes)")
+    return global_batch_size // world_size
+
+
+class CrowdDataModule(L.LightningDataModule):
+    """Wraps ready-made train/val/test datasets of samples (datamodules/types.py).
+
+    `batch_size` is the *global* training batch size; each of the `world_size` processes loads
+    `batch_size // world_size`. Lightning injects a DistributedSampler under DDP, so every rank
+    sees a disjoint shard.
+    """
+
+    def __init__(self, train: Optional[Dataset] = None, val: Optional[Dataset] = None,
+                 test: Optional[Dataset] = None, predict: Optional[Dataset] = None,
+                 batch_size: int = 8, eval_batch_size: int = 1, num_workers: int = 0):
+        super().__init__()
+        self.datasets = {"train": train, "val": val, "test": test, "predict": predict}
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+
+    def _loader(self, stage: str, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = self.datasets[stage]
+        if dataset is None:
+            raise ConfigError(f"no {stage} dataset is configured")
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=collate_samples, persistent_workers=self.num_workers > 0,
+                          drop_last=shuffle and len(dataset) >= batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return self._loader("train", per_device_batch_size(self.batch_size, world), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self.eval_batch_size, shuffle=False)
