@@ -117,6 +117,36 @@ class SamConfig:
     model_type: str = "tiny"          # vit_b | vit_l | vit_h | vit_t | tiny
     checkpoint: Optional[str] = None  # local checkpoint path; None only for `tiny`/random tests
     prompt_chunk: int = 128
+    seed: int = 0                     # init seed of a model without checkpoint (`tiny`, benchmarks)
+
+
+@dataclass
+class DpmoConfig:
+    """Point-to-mask generation, `crowdseg masks` (crowdseg/dpmo; the choices are in docs/dpmo.md)."""
+    variant: str = "dpmo"             # dpmo | edp_sam (adds the exclusion-circle mask prompt)
+    split: str = "train"              # dataset split to annotate
+    out_dir: Optional[str] = None     # default: <runs_root>/<name>/masks/<split>
+    radius_factor: float = 1.0        # NNEC radius = factor * nearest-neighbour distance (0.5: disjoint)
+    r_min: float = 3.0                # radius clamp, pixels
+    r_max: Optional[float] = None     # None: min(H, W) / 2
+    lone_radius: Optional[float] = None  # radius of a point with no neighbour; None: min(H, W) / 4
+    num_negatives: int = 3            # k nearest neighbours prompted as negative points
+    box_prompt: bool = False          # add the circle's bounding box as a box prompt
+    multimask: bool = True            # 3 candidates per prompt, picked by `selection`
+    selection: str = "iou_inside"     # iou_inside (predicted IoU x fraction in circle) | disc_iou
+    overlap: str = "logit"            # pixel claimed twice goes to: logit (highest) | nearest (centre)
+    mask_threshold: float = 0.0       # SAM logit threshold
+    context_factor: float = 2.0       # decoded window half-size, in circle radii
+    fallback_radius_factor: float = 0.5  # empty instance -> disc of this times its radius
+    edp_dense_prompt: str = "selected"   # edp_sam mask prompt: selected (refine pass) | disc (one pass)
+    dense_prompt_logit: float = 8.0   # magnitude of the edp_sam mask prompt logits
+    tile: bool = True                 # tile dense / large images (else one resize to the SAM input)
+    target_nn_px: float = 24.0        # tile so the median NN distance spans this many SAM-input pixels
+    max_scale: float = 4.0            # largest upsampling of an image for tiling
+    tile_overlap: Optional[int] = None  # context around a tile core, pixels; None: largest radius + 1
+    overlays: bool = False            # also write overlays/<stem>.jpg (masks and points)
+
+
 
 
 @dataclass
@@ -135,3 +165,4 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sam: SamConfig = field(default_factory=SamConfig)
+    dpmo: DpmoConfig = field(default_factory=DpmoConfig)
