@@ -168,6 +168,11 @@ def test_point_mask_loss_module_matches_pure_functions():
     assert out["background"].item() == pytest.approx(bg.item())
     assert out["unit_mass"].item() == pytest.approx(0.35)
     assert out["loss"].item() == pytest.approx(bg.item() + 0.5 * 0.35)
+    # anchors shared by every image, as P2PNet returns them: (A, 2)
+    shared = PointMaskLoss()(points[0], scores, maps)
+    assert shared["unit_mass"].item() == pytest.approx(0.35)     # image 1 has no instance
+    assert shared["background"].item() == pytest.approx(
+        ((point_background_loss(points[0], scores[0], maps[0]) + point_background_loss(points[0], scores[1], maps[1])) / 2).item())
 
 
 def test_cell_centers_follow_the_stride_convention():

@@ -335,10 +335,12 @@ class DensityMaskLoss(nn.Module):
 class PointMaskLoss(nn.Module):
     """Background suppression + unit mass for a point predictor (P2PNet-style points and scores).
 
-    forward(points (B, A, 2) or B tensors (A_b, 2) xy pixels, scores (B, A) or B tensors (A_b,) person
-    probabilities, instance_maps: B tensors (H_b, W_b) long, valid: optional B (K_b,) bool or None)
-    returns {"loss", "background", "unit_mass"}. Pass anchor points to supervise each anchor's
-    score by the mask it sits in, or predicted points to supervise where the points ended up.
+    forward(points (B, A, 2), (A, 2) shared by every image (e.g. P2PNet's ``anchors``) or B tensors
+    (A_b, 2), xy pixels; scores (B, A) or B tensors (A_b,) person probabilities (P2PNet:
+    ``logits.softmax(-1)[..., 1]``); instance_maps: B tensors (H_b, W_b) long; valid: optional B
+    (K_b,) bool or None) returns {"loss", "background", "unit_mass"}. Pass anchor points to
+    supervise each anchor's score by the mask it sits in, or predicted points to supervise where
+    the points ended up.
     """
 
     def __init__(self, background_weight: float = 1.0, mass_weight: float = 1.0) -> None:
@@ -349,10 +351,12 @@ class PointMaskLoss(nn.Module):
     def forward(self, points, scores, instance_maps: Sequence[Tensor],
                 valid: Optional[Sequence[Optional[Tensor]]] = None) -> dict[str, Tensor]:
         like = scores if isinstance(scores, Tensor) else torch.cat([s.reshape(-1) for s in scores])
+        shared = isinstance(points, Tensor) and points.dim() == 2
         backgrounds, masses = [], []
         for b, instance_map in enumerate(instance_maps):
-            backgrounds.append(_point_background(points[b], scores[b], instance_map, None))
-            masses.append(_point_unit_mass(points[b], scores[b], instance_map, _valid_at(valid, b), None))
+            image_points = points if shared else points[b]
+            backgrounds.append(_point_background(image_points, scores[b], instance_map, None))
+            masses.append(_point_unit_mass(image_points, scores[b], instance_map, _valid_at(valid, b), None))
         background = _mean_defined(backgrounds, like)
         unit_mass = _mean_defined(masses, like)
         loss = self.background_weight * background + self.mass_weight * unit_mass
