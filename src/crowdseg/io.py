@@ -20,11 +20,12 @@ import numpy as np
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
 
-    `suffix` keeps the extension for writers that infer the format from it (e.g. ".png").
+    The temporary name ends with `suffix` (default: the target's own), so writers that infer the
+    format from the extension (cv2.imwrite, np.save) see the right one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix or path.suffix) + ".tmp",
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + (suffix or path.suffix),
                                dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)

@@ -143,10 +143,8 @@ class DpmoConfig:
     tile: bool = True                 # tile dense / large images (else one resize to the SAM input)
     target_nn_px: float = 24.0        # tile so the median NN distance spans this many SAM-input pixels
     max_scale: float = 4.0            # largest upsampling of an image for tiling
-    tile_overlap: Optional[int] = None  # context around a tile core, pixels; None: largest radius + 1
+    tile_overlap: Optional[int] = None  # context around a tile core, pixels; None: 95th pct radius + 1
     overlays: bool = False            # also write overlays/<stem>.jpg (masks and points)
-
-
 
 
 @dataclass
@@ -158,6 +156,7 @@ class ExperimentConfig:
     run_name: Optional[str] = None    # default: derived from method, dataset, label fraction, seed
     resume: bool = True               # `fit` continues from checkpoints/last.ckpt when present
     ckpt_path: Optional[str] = None   # weights for validate/test/predict (default: the run's last.ckpt)
+    checkpoint_every_n_steps: int = 50  # last.ckpt is also written every this many training steps
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: PointLossConfig = field(default_factory=PointLossConfig)

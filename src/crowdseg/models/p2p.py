@@ -1,0 +1,91 @@
+"""P2PNet-style point predictor (METHODS.md C1): backbone -> 2-level FPN (stride 8) -> anchor heads.
+
+Every stride-8 cell holds `anchor_rows x anchor_cols` anchor points; the regression head moves each
+anchor by `regression_scale * offset` and the classification head scores it person vs. background.
+The module is reused by RPS as its point proposer, so it also returns the stride-8 feature map.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crowdseg.models.backbone import Normalize
+
+
+def anchor_points(height: int, width: int, stride: int, rows: int, cols: int,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """Anchor points (h * w * rows * cols, 2) xy for a (height, width) feature map at `stride`.
+
+    Anchors of a cell are spread evenly inside it (pixel-index coordinates: the cell covering
+    pixels [s*j, s*j + s - 1] has its centre at s*j + (s - 1)/2). Order: cell row, cell column,
+    anchor row, anchor column - the order the heads' outputs are flattened in.
+    """
+    dy = (torch.arange(rows, device=device) + 0.5) * stride / rows - 0.5
+    dx = (torch.arange(cols, device=device) + 0.5) * stride / cols - 0.5
+    cy = torch.arange(height, device=device) * stride
+    cx = torch.arange(width, device=device) * stride
+    ys = (cy[:, None, None, None] + dy[None, None, :, None]).expand(height, width, rows, cols)
+    xs = (cx[None, :, None, None] + dx[None, None, None, :]).expand(height, width, rows, cols)
+    return torch.stack([xs, ys], -1).reshape(-1, 2).float()
+
+
+def _head(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(hidden, out_channels, 3, padding=1))
+
+
+class PointPredictor(nn.Module):
+    """Predict head points.
+
+    backbone: a `create_backbone(..., reductions=(8, 16))` module returning [C8, C16].
+    forward(images (B, 3, H, W) RGB in [0, 1]) returns a dict:
+      - ``points``: (B, M, 2) predicted xy in pixels, M = (H/8) * (W/8) * rows * cols;
+      - ``logits``: (B, M, 2) background / person logits;
+      - ``features``: (B, fpn_channels, H/8, W/8) the fused stride-8 map;
+      - ``anchors``: (M, 2).
+    """
+
+    stride = 8
+
+    def __init__(self, backbone: nn.Module, fpn_channels: int = 256, head_channels: int = 256,
+                 anchor_rows: int = 2, anchor_cols: int = 2, regression_scale: float = 100.0):
+        super().__init__()
+        c8, c16 = backbone.channels
+        self.normalize = Normalize()
+        self.backbone = backbone
+        self.lateral8 = nn.Conv2d(c8, fpn_channels, 1)
+        self.lateral16 = nn.Conv2d(c16, fpn_channels, 1)
+        self.smooth8 = nn.Conv2d(fpn_channels, fpn_channels, 3, padding=1)
+        self.rows, self.cols, self.regression_scale = anchor_rows, anchor_cols, regression_scale
+        anchors = anchor_rows * anchor_cols
+        self.regression = _head(fpn_channels, head_channels, anchors * 2)
+        self.classification = _head(fpn_channels, head_channels, anchors * 2)
+        # Start with anchors where they are: a large random offset (x regression_scale) would
+        # scatter the initial points across the image.
+        nn.init.normal_(self.regression[-1].weight, std=1e-3)
+        nn.init.zeros_(self.regression[-1].bias)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        c8, c16 = self.backbone(self.normalize(images))
+        top = self.lateral16(c16)
+        p8 = self.smooth8(self.lateral8(c8) + F.interpolate(top, size=c8.shape[-2:], mode="nearest"))
+        b, _, h, w = p8.shape
+        offsets = self.regression(p8).permute(0, 2, 3, 1).reshape(b, -1, 2)
+        logits = self.classification(p8).permute(0, 2, 3, 1).reshape(b, -1, 2)
+        anchors = anchor_points(h, w, self.stride, self.rows, self.cols, device=images.device)
+        return {"points": anchors + self.regression_scale * offsets, "logits": logits,
+                "features": p8, "anchors": anchors}
+
+
+def select_points(points: torch.Tensor, logits: torch.Tensor, threshold: float = 0.5
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image, the points whose person probability exceeds `threshold` and those scores.
+
+    points (B, M, 2), logits (B, M, 2) -> [(points (N_b, 2), scores (N_b,)) for each image].
+    """
+    scores = logits.softmax(-1)[..., 1]
+    keep = scores > threshold
+    return [(points[b][keep[b]], scores[b][keep[b]]) for b in range(points.shape[0])]

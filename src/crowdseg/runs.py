@@ -1,0 +1,153 @@
+"""Run directories, resume, loggers and checkpoints.
+
+A run lives in `<runs_root>/<experiment>/<run_name>` (deterministic, no timestamps) and holds
+`config.yaml`, `checkpoints/last.ckpt`, `csv/metrics.csv`, `metrics/<split>.json`, `pictures/`
+and `wandb_id`. `fit` on an existing run directory resumes from `last.ckpt` and continues the
+same wandb run.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+from omegaconf import DictConfig
+
+from crowdseg.config import to_yaml
+from crowdseg.errors import ConfigError
+from crowdseg.io import atomic_path, write_text_atomic
+
+LAST = "last.ckpt"
+
+
+def run_name(cfg: DictConfig) -> str:
+    """The configured name, else `<method>-<dataset>-lf<label %>-s<seed>`."""
+    if cfg.run_name:
+        return cfg.run_name
+    return f"{cfg.method}-{cfg.data.name}-lf{cfg.data.label_fraction:g}-s{cfg.seed}"
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.runs_root) / cfg.name / run_name(cfg)
+
+
+def is_global_zero() -> bool:
+    """True in the launching process (before DDP starts) and on rank 0 (after)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and \
+        int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def prepare_run_dir(cfg: DictConfig) -> Path:
+    """Create the run directory (checking it is writable) and write `config.yaml` atomically."""
+    path = run_dir(cfg)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"key 'runs_root': run directory {path} is not writable ({err.strerror})") from None
+    if is_global_zero():
+        write_text_atomic(path / "config.yaml", to_yaml(cfg))
+    return path
+
+
+def last_checkpoint(path: Path) -> Optional[Path]:
+    ckpt = path / "checkpoints" / LAST
+    return ckpt if ckpt.is_file() else None
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """A readable Lightning checkpoint, or a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"key 'ckpt_path': checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:
+        raise ConfigError(f"key 'ckpt_path': {path} is not a checkpoint ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"key 'ckpt_path': {path} is not a Lightning checkpoint (no 'state_dict')")
+    return path
+
+
+def wandb_run_id(path: Path) -> str:
+    """The run's wandb id, created once (before training starts) and reused on every resume."""
+    id_file = path / "wandb_id"
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    if is_global_zero():
+        write_text_atomic(id_file, run_id + "\n")
+    return run_id
+
+
+class _AppendingWriter(_ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it instead."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r") as f:
+                header = f.readline().strip()
+            self.metrics_keys = sorted(k for k in header.split(",") if k)
+
+
+class ResumableCSVLogger(CSVLogger):
+    @property
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def build_loggers(cfg: DictConfig, path: Path) -> list[Logger]:
+    loggers: list[Logger] = [ResumableCSVLogger(save_dir=str(path), name="", version="csv")]
+    wb = cfg.logger.wandb
+    if wb.mode != "disabled":
+        loggers.append(WandbLogger(
+            project=wb.project, entity=wb.entity, id=wandb_run_id(path), name=run_name(cfg),
+            group=f"{cfg.method}-lf{cfg.data.label_fraction:g}", tags=list(wb.tags) + [cfg.method, cfg.data.name],
+            mode=wb.mode, save_dir=str(path), resume="allow", config=_plain(cfg)))
+    else:
+        wandb_run_id(path)
+    return loggers
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temporary file beside the target, then rename: a kill never truncates last.ckpt."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Writes only `last.ckpt`: every `every_n_train_steps` steps and at the end of every epoch."""
+
+    def __init__(self, dirpath: Path, every_n_train_steps: int):
+        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_top_k=0, save_last=True)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def build_checkpoint_callbacks(path: Path, every_n_train_steps: int, monitor: str, mode: str) -> list[ModelCheckpoint]:
+    """`last.ckpt` every `every_n_train_steps` steps and every epoch (for kill-and-resume), plus
+    `best.ckpt` on `monitor`."""
+    ckpt_dir = path / "checkpoints"
+    best = ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode=mode, save_top_k=1, filename="best",
+                           auto_insert_metric_name=False, enable_version_counter=False)
+    return [LastCheckpoint(ckpt_dir, every_n_train_steps), best]

@@ -1,0 +1,35 @@
+"""Shared fixtures. Tests run on CPU with small, randomly initialised models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+# Overrides that make any experiment tiny: a few small synthetic images, one epoch, no workers.
+TINY = [
+    "model.backbone=resnet10t", "model.fpn_channels=32", "model.head_channels=32",
+    "data.synthetic.num_train=8", "data.synthetic.num_val=2", "data.synthetic.num_test=2",
+    "data.synthetic.height=64", "data.synthetic.width=64", "data.synthetic.max_people=20",
+    "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu", "logger.num_pictures=1",
+]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    return TINY + [f"runs_root={tmp_path / 'runs'}"]
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        raise FileNotFoundError(f"the shared test data is missing: {SHARED_DATA}")
+    return SHARED_DATA
