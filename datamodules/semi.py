@@ -1,0 +1,90 @@
+"""`SemiSupervisedDataModule`: labeled and unlabeled loaders combined for teacher-student training.
+
+One training epoch is one pass over the unlabeled set; the labeled set cycles alongside it (a
+`CycleDistributedSampler` draws exactly as many labeled batches as there are unlabeled ones).
+Batches are `{"labeled": batch, "unlabeled": batch}` from Lightning's `CombinedLoader`; an
+unlabeled batch holds the weak view in `image`, the strong view in `image_strong` and the erased
+rectangles in `cutout` (datamodules/transforms.py, `TwoViewTransform`).
+
+Batch sizes are global and divided by the world size. Under DDP Lightning injects its
+DistributedSampler into the unlabeled loader (and the val/test loaders), and the labeled sampler
+shards by rank itself, so every rank sees a disjoint part of both sets.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset
+
+from crowdseg.errors import DataError
+from datamodules.crowd import CrowdDataModule
+from datamodules.distributed import CycleDistributedSampler, per_rank_batch_size, world_and_rank
+from datamodules.transforms import collate_two_views
+from datamodules.types import collate_samples
+
+
+def dataset_names(dataset: Dataset) -> list[str] | None:
+    names = getattr(dataset, "names", None)
+    return list(names) if names is not None else None
+
+
+class SemiSupervisedDataModule(CrowdDataModule):
+    """labeled / unlabeled training sets (+ val / test), separate global batch sizes."""
+
+    def __init__(self, labeled: Dataset, unlabeled: Dataset, val: Optional[Dataset] = None,
+                 test: Optional[Dataset] = None, predict: Optional[Dataset] = None, labeled_batch_size: int = 4,
+                 unlabeled_batch_size: int = 4, eval_batch_size: int = 1, num_workers: int = 0, seed: int = 0):
+        super().__init__(train=labeled, val=val, test=test, predict=predict, batch_size=labeled_batch_size,
+                         eval_batch_size=eval_batch_size, num_workers=num_workers)
+        if len(labeled) == 0:
+            raise DataError("the labeled training set is empty")
+        if len(unlabeled) == 0:
+            raise DataError("the unlabeled training set is empty (label fraction 100 % needs the fully supervised CrowdDataModule)")
+        lab, unl = dataset_names(labeled), dataset_names(unlabeled)
+        if lab is not None and unl is not None and set(lab) & set(unl):
+            shared = sorted(set(lab) & set(unl))
+            raise DataError(f"{len(shared)} image(s) are both labeled and unlabeled, e.g. {shared[0]}")
+        self.labeled, self.unlabeled = labeled, unlabeled
+        self.labeled_batch_size, self.unlabeled_batch_size, self.seed = labeled_batch_size, unlabeled_batch_size, seed
+
+    def train_dataloader(self) -> CombinedLoader:
+        world, rank = world_and_rank(self.trainer)
+        b_lab = per_rank_batch_size(self.labeled_batch_size, world, "data.batch_size")
+        b_unl = per_rank_batch_size(self.unlabeled_batch_size, world, "data.unlabeled_batch_size")
+        per_rank_unlabeled = math.ceil(len(self.unlabeled) / world)  # DistributedSampler pads to this
+        num_batches = math.ceil(per_rank_unlabeled / b_unl)
+        sampler = CycleDistributedSampler(self.labeled, num_batches * b_lab, world, rank, shuffle=True, seed=self.seed)
+        workers = self.num_workers
+        labeled = DataLoader(self.labeled, batch_size=b_lab, sampler=sampler, num_workers=workers,
+                             collate_fn=collate_samples, persistent_workers=workers > 0)
+        unlabeled = DataLoader(self.unlabeled, batch_size=b_unl, shuffle=True, num_workers=workers,
+                               collate_fn=collate_two_views, persistent_workers=workers > 0)
+        return CombinedLoader({"labeled": labeled, "unlabeled": unlabeled}, mode="max_size_cycle")
+
+
+def build_semi_datasets(name: str, root: str | None, split: str = "train", label_fraction: float = 5.0,
+                        split_seed: int = 0, labeled_transform=None, unlabeled_transform=None,
+                        splits_dir: str | None = None, labeled_file: str | None = None, **options):
+    """(labeled, unlabeled) datasets of a label-fraction split of `name`'s training images.
+
+    The labeled names come from the split files (datamodules/splits.py) or `labeled_file` (a
+    published protocol list); the unlabeled set is the split's unlabeled file when it exists,
+    else every other training image. Every labeled image must be in the dataset.
+    """
+    from datamodules.dataset import build_dataset
+    from datamodules.splits import SPLITS_DIR, load_split, split_file_names
+
+    full = build_dataset(name, root, split, **options)
+    names = set(full.names)
+    folder = (Path(splits_dir) if splits_dir else SPLITS_DIR) / name
+    has_unlabeled_file = labeled_file is None and (folder / split_file_names(label_fraction, split_seed)[1]).exists()
+    labeled, unlabeled = load_split(name, label_fraction, split_seed, train_names=None if has_unlabeled_file else names,
+                                    splits_dir=splits_dir, labeled_file=labeled_file)
+    missing = labeled - names
+    if missing:
+        raise DataError(f"{len(missing)} labeled image(s) of the {label_fraction:g} % split (seed {split_seed}) are not in "
+                        f"the {name} dataset at {root} (missing, or left out by validation), e.g. {sorted(missing)[0]}")
+    return full.subset(labeled, labeled_transform), full.subset(unlabeled & names, unlabeled_transform)
