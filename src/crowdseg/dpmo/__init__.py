@@ -1,0 +1,14 @@
+"""DPMO / EDP-SAM: dense point-to-mask generation with SAM and Nearest Neighbor Exclusive Circles.
+
+See docs/dpmo.md for the algorithm and the choices made where the papers are silent.
+"""
+from crowdseg.dpmo.generate import check_dpmo_config, generate_instance_map
+from crowdseg.dpmo.nnec import nearest_neighbour_distances, nearest_neighbours, nnec_radii
+from crowdseg.dpmo.prompts import build_prompts, exclusion_mask_prompt
+from crowdseg.dpmo.resolve import claim_pixels, finalize_instances, resolve_overlaps
+from crowdseg.dpmo.select import select_candidates
+from crowdseg.dpmo.tiles import Tile, assign_points, plan_tiles, tile_scale
+
+__all__ = ["Tile", "assign_points", "build_prompts", "check_dpmo_config", "claim_pixels", "exclusion_mask_prompt",
+           "finalize_instances", "generate_instance_map", "nearest_neighbour_distances", "nearest_neighbours",
+           "nnec_radii", "plan_tiles", "resolve_overlaps", "select_candidates", "tile_scale"]

@@ -1,0 +1,227 @@
+"""`crowdseg masks <experiment.yaml>`: instance masks for a whole dataset split, resumably.
+
+The split is run through Lightning's predict loop (`Trainer.predict`), so the same command runs
+on one device or many (`trainer.devices`, `trainer.strategy=ddp`): Lightning gives every image
+to exactly one rank (its predict sampler does not repeat samples). Per image, in `out_dir`
+(default `<runs_root>/<name>/masks/<split>`, one folder per split because file stems repeat
+across splits, e.g. ShanghaiTech's IMG_1 in train and test):
+
+- `<stem>.png`: 16-bit id map (0 background, k the instance of point k-1), the image's size;
+- `overlays/<stem>.jpg` (with `dpmo.overlays`): the image with coloured masks and its points;
+- `<stem>.json`: summary (instances, empty fallbacks, tiling, timings), written *last*.
+
+Every file is written atomically; an image counts as done when its PNG and JSON exist, so a
+rerun skips finished images and a killed job resumes where it stopped. Temporary files a killed
+job left behind are removed at the start of the next run.
+
+Images are fed whole with their points (batch size 1, no crop). If the dataset resized an image
+(meta `orig_size` differs from the tensor), the id map is resized back with nearest neighbour.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from crowdseg.dpmo.generate import check_dpmo_config, generate_instance_map
+from crowdseg.errors import ConfigError, DataError
+from crowdseg.io import atomic_path, write_json_atomic
+from crowdseg.sam.build import CHECKPOINT_SOURCES, build_sam
+from crowdseg.sam.predictor import BatchedSamPredictor
+from datamodules.types import collate_samples
+
+MAX_PNG_ID = 65535
+
+
+def masks_dir(cfg: DictConfig) -> Path:
+    """Where `crowdseg masks` writes: `dpmo.out_dir`, else `<runs_root>/<name>/masks/<split>`."""
+    if cfg.dpmo.out_dir:
+        return Path(cfg.dpmo.out_dir)
+    return Path(cfg.runs_root) / cfg.name / "masks" / cfg.dpmo.split
+
+
+def is_done(out_dir: Path, stem: str) -> bool:
+    return (out_dir / f"{stem}.json").is_file() and (out_dir / f"{stem}.png").is_file()
+
+
+def image_stem(meta: dict, index: int) -> str:
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return Path(str(name)).stem if name else f"{index:06d}"
+
+
+def build_predictor_model(cfg: DictConfig) -> nn.Module:
+    """The configured SAM model; real SAM types need `sam.checkpoint`."""
+    sam = cfg.sam
+    if sam.model_type != "tiny" and not sam.checkpoint:
+        source = CHECKPOINT_SOURCES.get(sam.model_type, "the SAM README")
+        raise ConfigError(f"key 'sam.checkpoint': model type {sam.model_type} needs a local checkpoint path "
+                          f"(official weights: {source})")
+    return build_sam(sam.model_type, sam.checkpoint, seed=sam.seed)
+
+
+class MaskGenerator(L.LightningModule):
+    """Predict step = `generate_instance_map` for each image of the batch (skipping finished ones)."""
+
+    def __init__(self, sam: nn.Module, dpmo: Any, prompt_chunk: int, out_dir: Path, keep_images: bool = False):
+        super().__init__()
+        self.sam = sam
+        self.dpmo = dpmo
+        self.prompt_chunk = prompt_chunk
+        self.out_dir = Path(out_dir)
+        self.keep_images = keep_images
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        predictor = BatchedSamPredictor(self.sam, self.prompt_chunk)
+        results = []
+        for i, meta in enumerate(batch["meta"]):
+            stem = image_stem(meta, batch_idx)
+            if is_done(self.out_dir, stem):
+                results.append({"stem": stem, "skipped": True})
+                continue
+            h, w = (int(v) for v in batch["image_size"][i])
+            image = batch["image"][i, :, :h, :w]
+            points = batch["points"][i]
+            if len(points) > MAX_PNG_ID:
+                raise DataError(f"{meta.get('name', stem)}: {len(points)} points do not fit a 16-bit id map "
+                                f"(at most {MAX_PNG_ID})")
+            id_map, report = generate_instance_map(predictor, image, points, self.dpmo)
+            orig = tuple(int(v) for v in meta.get("orig_size", (h, w))) if isinstance(meta, dict) else (h, w)
+            if orig != (h, w):
+                id_map = cv2.resize(id_map, (orig[1], orig[0]), interpolation=cv2.INTER_NEAREST)
+                report["resized_to"] = list(orig)
+            report.update(name=meta.get("name", stem) if isinstance(meta, dict) else stem,
+                          dataset=meta.get("dataset") if isinstance(meta, dict) else None)
+            results.append({"stem": stem, "id_map": id_map, "report": report,
+                            "image": image.cpu() if self.keep_images else None,
+                            "points": points.cpu() if self.keep_images else None})
+        return results
+
+
+class MaskWriter(BasePredictionWriter):
+    """Writes each prediction of `MaskGenerator` as PNG (+ overlay) + JSON, atomically."""
+
+    def __init__(self, out_dir: Path, overlays: bool = False, extra: Optional[dict] = None):
+        super().__init__(write_interval="batch")
+        self.out_dir, self.overlays, self.extra = Path(out_dir), overlays, extra or {}
+        self.written, self.skipped = 0, 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        for item in prediction:
+            if item.get("skipped"):
+                self.skipped += 1
+                continue
+            report = {**item["report"], **self.extra, "rank": trainer.global_rank, "world_size": trainer.world_size}
+            write_mask_outputs(self.out_dir, item["stem"], item["id_map"], report,
+                               item["image"] if self.overlays else None, item["points"])
+            self.written += 1
+
+
+def write_mask_outputs(out_dir: Path, stem: str, id_map: np.ndarray, report: dict,
+                       image: Optional[torch.Tensor] = None, points: Optional[torch.Tensor] = None) -> None:
+    """`<stem>.png` (uint16 ids), optional `overlays/<stem>.jpg`, then `<stem>.json`, each atomic."""
+    if id_map.max(initial=0) > MAX_PNG_ID:
+        raise DataError(f"{stem}: instance id {int(id_map.max())} does not fit a 16-bit PNG")
+    with atomic_path(out_dir / f"{stem}.png", suffix=".png") as tmp:
+        if not cv2.imwrite(str(tmp), np.ascontiguousarray(id_map.astype(np.uint16))):
+            raise OSError(f"could not write {out_dir / (stem + '.png')}")
+    if image is not None:
+        with atomic_path(out_dir / "overlays" / f"{stem}.jpg", suffix=".jpg") as tmp:
+            if not cv2.imwrite(str(tmp), overlay_picture(image, id_map, points)[..., ::-1].copy()):
+                raise OSError(f"could not write overlay of {stem}")
+    write_json_atomic(out_dir / f"{stem}.json", report)
+
+
+def overlay_picture(image: torch.Tensor, id_map: np.ndarray, points: Optional[torch.Tensor] = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: the image with coloured instances, their outlines and the points."""
+    from crowdseg.vis import draw_points, overlay_masks, to_uint8_image
+    rgb = to_uint8_image(image)
+    ids = id_map.astype(np.int64)
+    if ids.shape != rgb.shape[:2]:
+        ids = cv2.resize(id_map, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST).astype(np.int64)
+    out = overlay_masks(rgb, ids, alpha=0.55)
+    edge = np.zeros(ids.shape, bool)
+    edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+    edge[1:, :] |= ids[1:, :] != ids[:-1, :]
+    out[edge & (ids > 0)] = (255, 255, 255)
+    if points is not None and len(points):
+        out = draw_points(out, points, (255, 0, 0), radius=1)
+    return out
+
+
+def remove_stale_temp_files(out_dir: Path) -> int:
+    """Delete temporary files (`.<name>.*.tmp*`) a killed run left behind; returns how many."""
+    removed = 0
+    for folder in (out_dir, out_dir / "overlays"):
+        if folder.is_dir():
+            for path in folder.glob(".*.tmp*"):
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def run_masks(cfg: DictConfig) -> dict[str, Any]:
+    """Generate instance masks for the `dpmo.split` split of the configured dataset.
+
+    Returns out_dir, images (in the split), written and skipped (summed over all ranks) and
+    masks_on_disk (finished images in out_dir).
+    """
+    from crowdseg.data import build_dataset
+    from crowdseg.runs import is_global_zero
+
+    check_dpmo_config(cfg.dpmo)
+    out_dir = masks_dir(cfg)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"key 'dpmo.out_dir': cannot create {out_dir} ({err.strerror})") from None
+    if is_global_zero():
+        remove_stale_temp_files(out_dir)
+    dataset = build_dataset(cfg, cfg.dpmo.split)
+    model = build_predictor_model(cfg)
+    dpmo = OmegaConf.create(OmegaConf.to_container(cfg.dpmo, resolve=True))
+    module = MaskGenerator(model, dpmo, cfg.sam.prompt_chunk, out_dir, keep_images=cfg.dpmo.overlays)
+    writer = MaskWriter(out_dir, cfg.dpmo.overlays, extra={"sam_model_type": cfg.sam.model_type,
+                                                           "split": cfg.dpmo.split})
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=cfg.data.num_workers,
+                        collate_fn=collate_samples)
+    t = cfg.trainer
+    trainer = L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                        precision=t.precision, logger=False, enable_checkpointing=False, callbacks=[writer],
+                        enable_progress_bar=t.enable_progress_bar, enable_model_summary=False,
+                        default_root_dir=str(out_dir))
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    # Totals over all ranks: with DDP every image is written by exactly one of them.
+    counts = torch.tensor([writer.written, writer.skipped], dtype=torch.float64, device=trainer.strategy.root_device)
+    written, skipped = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum").tolist())
+    return {"out_dir": str(out_dir), "images": len(dataset), "written": written, "skipped": skipped,
+            "masks_on_disk": sum(1 for p in out_dir.glob("*.json") if (p.with_suffix(".png")).is_file())}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m crowdseg.dpmo.writer <experiment.yaml> [key=value ...]` (same as `crowdseg masks`)."""
+    from crowdseg.config import load_config
+    from crowdseg.errors import CrowdsegError
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print("usage: python -m crowdseg.dpmo.writer <experiment.yaml> [key=value ...]", file=sys.stderr)
+        return 2
+    try:
+        result = run_masks(load_config(argv[0], argv[1:]))
+    except CrowdsegError as err:
+        print(f"crowdseg: error: {err}", file=sys.stderr)
+        return 2
+    print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
