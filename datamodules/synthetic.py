@@ -144,6 +144,10 @@ class SyntheticCrowd(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
+    def point_counts(self) -> list[int]:
+        """The number of people of every image (renders them; no augmentation)."""
+        return [len(render_crowd(self.spec, self.split, i)["points"]) for i in range(self.num_images)]
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_images:
             raise IndexError(index)

@@ -25,6 +25,7 @@ def build_p2p(cfg: DictConfig, path: Path) -> Job:
     from crowdseg.data import build_datamodule
     from crowdseg.lit.p2p import PointPredictorModule
     from crowdseg.losses.p2p import P2PLoss
+    from crowdseg.mask_supervision import point_mask_loss
     from crowdseg.models.backbone import create_backbone
     from crowdseg.models.p2p import PointPredictor
 
@@ -33,13 +34,38 @@ def build_p2p(cfg: DictConfig, path: Path) -> Job:
                            m.head_channels, m.anchor_rows, m.anchor_cols, m.regression_scale)
     criterion = P2PLoss(lo.cost_class, lo.cost_point, lo.eos_coef, lo.point_loss_coef)
     optim = {k: cfg.optim[k] for k in ("lr", "backbone_lr", "weight_decay", "step_size", "gamma")}
-    module = PointPredictorModule(model, criterion, optim, lo.score_threshold, path, cfg.logger.num_pictures)
-    return Job(module, build_datamodule(cfg))
+    datamodule = build_datamodule(cfg)
+    module = PointPredictorModule(model, criterion, optim, lo.score_threshold, path, cfg.logger.num_pictures,
+                                  point_mask_loss(cfg, datamodule), cfg.mask_loss.points)
+    return Job(module, datamodule)
+
+
+def build_density(cfg: DictConfig, path: Path) -> Job:
+    from crowdseg.data import build_datamodule
+    from crowdseg.lit.density import DensityModule
+    from crowdseg.losses.density import DensityLoss
+    from crowdseg.mask_supervision import density_mask_losses
+    from crowdseg.models.backbone import create_backbone
+    from crowdseg.models.density import DensityCounter
+
+    m, d = cfg.model, cfg.density
+    if d.activation not in ("softplus", "relu"):
+        raise ConfigError(f"key 'density.activation': {d.activation!r} is not one of softplus, relu")
+    if d.sigma <= 0:
+        raise ConfigError(f"key 'density.sigma': must be > 0, got {d.sigma}")
+    model = DensityCounter(create_backbone(m.backbone, m.pretrained, reductions=(8,)), list(d.channels), d.activation)
+    optim = {k: cfg.optim[k] for k in ("lr", "backbone_lr", "weight_decay", "step_size", "gamma")}
+    datamodule = build_datamodule(cfg)
+    mask_loss, one_point_loss = density_mask_losses(cfg, datamodule, model.stride)
+    module = DensityModule(model, DensityLoss(model.stride, d.sigma), optim, mask_loss, one_point_loss,
+                           cfg.mask_loss.one_point_threshold, path, cfg.logger.num_pictures)
+    return Job(module, datamodule)
 
 
 # method name -> builder. A plain dict: adding a method is one line here.
 METHODS: dict[str, Callable[[DictConfig, Path], Job]] = {
     "p2p": build_p2p,
+    "density": build_density,
 }
 
 
@@ -78,9 +104,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_checkpoint(resume_from)
     trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=str(resume_from) if resume_from else None)
     metrics = _floats(trainer.callback_metrics)
+    if "val/mae" in metrics and trainer.is_global_zero:
+        metrics["val/mae_mean_baseline"] = mean_count_baseline(job.datamodule)
     metrics.update(run_dir=str(path), checkpoint=str(last_checkpoint(path) or ""),
+                   pictures=str(path / "pictures"), metrics_csv=str(path / "csv" / "metrics.csv"),
                    global_step=trainer.global_step)
     return metrics
+
+
+def point_counts(dataset) -> list[int]:
+    """Ground-truth count of every image of `dataset` (its own `point_counts()` when it has one)."""
+    if hasattr(dataset, "point_counts"):
+        return list(dataset.point_counts())
+    return [len(dataset[i]["points"]) for i in range(len(dataset))]
+
+
+def mean_count_baseline(datamodule: L.LightningDataModule) -> float:
+    """Validation MAE of always predicting the training set's mean count: the bar a counter must beat."""
+    train_counts = point_counts(datamodule.datasets["train"])
+    mean = sum(train_counts) / max(len(train_counts), 1)
+    val_counts = point_counts(datamodule.datasets["val"])
+    return sum(abs(c - mean) for c in val_counts) / max(len(val_counts), 1)
 
 
 def evaluate(cfg: DictConfig, stage: str = "validate") -> dict[str, Any]:
