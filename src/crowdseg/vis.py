@@ -54,10 +54,55 @@ def point_overlay(image: torch.Tensor, gt_points: torch.Tensor, pred_points: tor
         canvas = overlay_masks(canvas, instance_map.cpu().numpy())
     canvas = draw_points(canvas, gt_points, GT_COLOR, radius=2)
     canvas = draw_points(canvas, pred_points, PRED_COLOR, radius=2, cross=True)
+    return with_caption(canvas, f"gt {len(gt_points)}  pred {len(pred_points)}")
+
+
+def with_caption(canvas: np.ndarray, text: str) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB image with an 18-pixel black strip below it holding `text` in white."""
     caption = np.zeros((18, canvas.shape[1], 3), np.uint8)
-    cv2.putText(caption, f"gt {len(gt_points)}  pred {len(pred_points)}", (3, 13),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.putText(caption, text, (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
     return np.concatenate([canvas, caption], 0)
+
+
+def heatmap(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) float map -> (H, W, 3) uint8 RGB jet colours, resized to `size` (H, W), scaled to its max."""
+    v = np.asarray(values, dtype=np.float32)
+    peak = float(v.max(initial=0.0))
+    scaled = np.clip(v / peak, 0, 1) if peak > 0 else np.zeros_like(v)
+    resized = cv2.resize((scaled * 255).astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return cv2.applyColorMap(resized, cv2.COLORMAP_JET)[..., ::-1]
+
+
+def density_overlay(image: torch.Tensor, density: torch.Tensor, gt_points: torch.Tensor,
+                    count: float | None = None, alpha: float = 0.5) -> np.ndarray:
+    """Image blended with a heat map of `density` (h, w) (any stride; stretched over the image),
+    GT points as green dots, and a caption with the GT count and the predicted `count` (default:
+    the density's sum)."""
+    canvas = to_uint8_image(image)
+    heat = heatmap(density.detach().float().cpu().numpy(), canvas.shape[:2])
+    canvas = ((1 - alpha) * canvas + alpha * heat).round().astype(np.uint8)
+    canvas = draw_points(canvas, gt_points, GT_COLOR, radius=2)
+    count = float(density.sum()) if count is None else float(count)
+    return with_caption(canvas, f"gt {len(gt_points)}  pred {count:.1f}")
+
+
+def picture_slots(batch_idx: int, batch_size: int, num_pictures: int) -> list[tuple[int, int]]:
+    """[(index in the batch, running picture number)] of the first `num_pictures` images of an
+    evaluation (assumes equal batch sizes before the last batch, as a DataLoader gives)."""
+    first = batch_idx * batch_size
+    return [(i, first + i) for i in range(batch_size) if first + i < num_pictures]
+
+
+def save_pictures(run_dir: str | Path, stage: str, pictures: list[tuple[int, np.ndarray]],
+                  loggers: list = (), step: int = 0) -> list[Path]:
+    """Write `<run_dir>/pictures/<stage>_<number>.png` for each (number, RGB picture) and send the
+    pictures to the wandb logger among `loggers`, if there is one."""
+    paths = [save_png(Path(run_dir) / "pictures" / f"{stage}_{number:02d}.png", picture)
+             for number, picture in pictures]
+    wandb_logger = next((lg for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
+    if wandb_logger is not None and pictures:
+        wandb_logger.log_image(key=f"{stage}/predictions", images=[p for _, p in pictures], step=step)
+    return paths
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:

@@ -68,6 +68,29 @@ class PointLossConfig:
 
 
 @dataclass
+class DensityConfig:
+    """The density-map counter, `method: density` (crowdseg/models/density.py, losses/density.py)."""
+    channels: list[int] = field(default_factory=lambda: [512, 512, 512, 256, 128, 64])  # CSRNet back-end
+    activation: str = "softplus"      # softplus | relu: keeps the density >= 0
+    sigma: float = 4.0                # Gaussian of the target density (pixels); the target sums to the count
+
+
+@dataclass
+class MaskLossConfig:
+    """Mask-supervised counting losses (crowdseg/losses/mask_counting.py, METHODS.md A2.4), p2p and density.
+
+    Needs instance masks in the training set (the synthetic crowd's own, or DPMO masks via the data config).
+    """
+    enabled: bool = False
+    background_weight: float = 1.0    # no density / person probability on background pixels
+    mass_weight: float = 1.0          # unit mass per instance (p2p: the scores inside a mask sum to 1)
+    one_point_weight: float = 0.0     # density only: soft one-point-per-instance term
+    temperature: float = 1.0          # density only: soft count = sigmoid(log(density / threshold) / T)
+    one_point_threshold: float = 0.25  # density only: a stride-8 cell "is a point" above this density
+    points: str = "predicted"         # p2p only: score the predicted points | the anchors
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     backbone_lr: float = 1e-5
@@ -160,6 +183,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: PointLossConfig = field(default_factory=PointLossConfig)
+    density: DensityConfig = field(default_factory=DensityConfig)
+    mask_loss: MaskLossConfig = field(default_factory=MaskLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

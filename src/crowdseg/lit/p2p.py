@@ -8,46 +8,93 @@ import lightning as L
 import torch
 from torch import nn
 
+from crowdseg.lit.common import adam_with_backbone_lr, finish_stage, inside_image
+from crowdseg.losses.mask_counting import PointMaskLoss
 from crowdseg.losses.p2p import P2PLoss
-from crowdseg.metrics.torch_metrics import CountingMetrics
+from crowdseg.metrics.torch_metrics import CountingMetrics, LocalizationMetrics
 from crowdseg.models.p2p import PointPredictor, select_points
-from crowdseg.vis import point_overlay, save_png
+from crowdseg.vis import picture_slots, point_overlay, save_pictures
+
+# Localization is scored at fixed radii (sigma_s = 4 px, sigma_l = 8 px) on every dataset, so the
+# numbers compare across datasets with and without head boxes; size levels are then unknown.
+LOCALIZATION_RADII = (4.0, 8.0)
+MASK_POINTS = ("predicted", "anchors")
+
+
+def _localization_key(key: str) -> bool:
+    return "level" not in key
 
 
 class PointPredictorModule(L.LightningModule):
-    """Train/evaluate a `PointPredictor` with `P2PLoss`.
+    """Train/evaluate a `PointPredictor` with `P2PLoss` (+ an optional `PointMaskLoss`).
 
-    Logs ``train/loss`` (+ parts), ``val/mae``, ``val/rmse`` (and ``test/...``); saves up to
-    `num_pictures` overlays (image, GT points green, predictions red) per evaluation to
-    `<run_dir>/pictures/` and to wandb.
+    Training logs ``train/loss``, ``train/cls``, ``train/point`` and, with a mask loss,
+    ``train/mask_loss``, ``train/mask_background``, ``train/mask_unit_mass`` and
+    ``train/mask_skipped`` (1 for a batch in which some image has no ``instance_map``: the mask loss
+    is skipped for the whole batch, since the collated batch then carries no maps).
+    The mask loss scores either the predicted points (`mask_points="predicted"`: a point predicted
+    on background or a second point in a person's mask is penalised where it ended up) or the
+    anchors (`"anchors"`), with the person probabilities ``softmax(logits)[..., 1]``.
+
+    Evaluation logs ``<stage>/mae``, ``rmse``, ``mse``, ``nae`` and localization
+    ``<stage>/sigma_{s,l}_{precision,recall,f1,tp,fp,fn}`` at radii 4 and 8 px
+    (`LOCALIZATION_RADII`) for stage ``val`` and ``test``; writes them to
+    ``<run_dir>/metrics/<stage>.json`` (rank 0) and saves up to `num_pictures` overlays (GT points
+    green, predictions red) to ``<run_dir>/pictures/`` and wandb.
     """
 
     monitor = ("val/mae", "min")
 
     def __init__(self, model: PointPredictor, criterion: P2PLoss, optim: dict[str, Any],
-                 score_threshold: float = 0.5, run_dir: Optional[Path] = None, num_pictures: int = 4):
+                 score_threshold: float = 0.5, run_dir: Optional[Path] = None, num_pictures: int = 4,
+                 mask_loss: Optional[PointMaskLoss] = None, mask_points: str = "predicted"):
         super().__init__()
+        if mask_points not in MASK_POINTS:
+            raise ValueError(f"mask_points must be one of {MASK_POINTS}, got {mask_points!r}")
         self.model, self.criterion, self.optim = model, criterion, dict(optim)
+        self.mask_loss, self.mask_points = mask_loss, mask_points
         self.score_threshold, self.run_dir, self.num_pictures = score_threshold, run_dir, num_pictures
         self.counting = nn.ModuleDict({"val": CountingMetrics(), "test": CountingMetrics()})
+        self.localization = nn.ModuleDict({s: LocalizationMetrics(fixed_radii=LOCALIZATION_RADII)
+                                           for s in ("val", "test")})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(images)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    # ---------------------------------------------------------------------------------- training
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """All loss terms of a batch: {"loss" (the total), "cls", "point", and "mask_*" with a mask loss}."""
         outputs = self.model(batch["image"])
-        losses = self.criterion(outputs, batch["points"])
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(batch["points"]))
-        self.log_dict({"train/cls": losses["cls"], "train/point": losses["point"]}, batch_size=len(batch["points"]))
+        losses = dict(self.criterion(outputs, batch["points"]))
+        if self.mask_loss is None:
+            return losses
+        maps = batch.get("instance_map")
+        if maps is None:
+            losses["mask_skipped"] = losses["loss"].new_tensor(1.0)
+            return losses
+        scores = outputs["logits"].softmax(-1)[..., 1]
+        points = outputs["anchors"] if self.mask_points == "anchors" else outputs["points"]
+        mask = self.mask_loss(points, scores, [m.to(scores.device) for m in maps])
+        losses.update(loss=losses["loss"] + mask["loss"], mask_loss=mask["loss"].detach(),
+                      mask_background=mask["background"], mask_unit_mass=mask["unit_mass"],
+                      mask_skipped=losses["loss"].new_tensor(0.0))
+        return losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(batch)
+        size = len(batch["points"])
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=size)
         return losses["loss"]
 
+    # -------------------------------------------------------------------------------- evaluation
     def predict_points(self, batch: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         outputs = self.model(batch["image"])
         selected = select_points(outputs["points"], outputs["logits"], self.score_threshold)
         # drop predictions that fell into the zero padding of smaller images in the batch
         result = []
         for (points, scores), (h, w) in zip(selected, batch["image_size"].tolist()):
-            inside = (points[:, 0] >= -0.5) & (points[:, 0] < w - 0.5) & (points[:, 1] >= -0.5) & (points[:, 1] < h - 0.5)
+            inside = inside_image(points, h, w)
             result.append((points[inside], scores[inside]))
         return result
 
@@ -56,13 +103,8 @@ class PointPredictorModule(L.LightningModule):
         pred_counts = torch.tensor([len(p) for p, _ in predictions], dtype=torch.float, device=self.device)
         gt_counts = torch.tensor([len(p) for p in batch["points"]], dtype=torch.float, device=self.device)
         self.counting[stage].update(pred_counts, gt_counts)
+        self.localization[stage].update([p.detach() for p, _ in predictions], batch["points"])
         self._save_pictures(stage, batch, batch_idx, predictions)
-
-    def _log_stage(self, stage: str) -> dict[str, float]:
-        values = {f"{stage}/{k}": v for k, v in self.counting[stage].compute().items()}
-        self.log_dict(values, sync_dist=False)  # already synced by the metric
-        self.counting[stage].reset()
-        return {k: float(v) for k, v in values.items()}
 
     def validation_step(self, batch, batch_idx):
         self._eval_step("val", batch, batch_idx)
@@ -71,10 +113,14 @@ class PointPredictorModule(L.LightningModule):
         self._eval_step("test", batch, batch_idx)
 
     def on_validation_epoch_end(self):
-        self._log_stage("val")
+        self._end_stage("val")
 
     def on_test_epoch_end(self):
-        self._log_stage("test")
+        self._end_stage("test")
+
+    def _end_stage(self, stage: str) -> dict[str, float]:
+        return finish_stage(self, stage, [self.counting[stage], self.localization[stage]], self.run_dir,
+                            keep=_localization_key)
 
     def predict_step(self, batch, batch_idx):
         return [{"name": m.get("name"), "points": p.cpu(), "scores": s.cpu()}
@@ -83,25 +129,12 @@ class PointPredictorModule(L.LightningModule):
     def _save_pictures(self, stage: str, batch, batch_idx: int, predictions) -> None:
         if self.run_dir is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
-        first = batch_idx * len(batch["points"])
         pictures = []
-        for i in range(len(batch["points"])):
-            if first + i >= self.num_pictures:
-                break
+        for i, number in picture_slots(batch_idx, len(batch["points"]), self.num_pictures):
             h, w = batch["image_size"][i].tolist()
-            picture = point_overlay(batch["image"][i, :, :h, :w], batch["points"][i], predictions[i][0])
-            save_png(Path(self.run_dir) / "pictures" / f"{stage}_{first + i:02d}.png", picture)
-            pictures.append(picture)
-        wandb_logger = next((lg for lg in self.loggers if type(lg).__name__ == "WandbLogger"), None)
-        if wandb_logger is not None and pictures:
-            wandb_logger.log_image(key=f"{stage}/predictions", images=pictures, step=self.global_step)
+            pictures.append((number, point_overlay(batch["image"][i, :, :h, :w], batch["points"][i],
+                                                   predictions[i][0])))
+        save_pictures(self.run_dir, stage, pictures, self.loggers, self.global_step)
 
     def configure_optimizers(self):
-        backbone = list(self.model.backbone.parameters())
-        backbone_ids = {id(p) for p in backbone}
-        rest = [p for p in self.model.parameters() if id(p) not in backbone_ids]
-        optimizer = torch.optim.Adam([{"params": rest, "lr": self.optim["lr"]},
-                                      {"params": backbone, "lr": self.optim["backbone_lr"]}],
-                                     weight_decay=self.optim["weight_decay"])
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, self.optim["step_size"], self.optim["gamma"])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return adam_with_backbone_lr(self.model, self.model.backbone, self.optim)

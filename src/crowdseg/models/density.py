@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
+from crowdseg.models.backbone import Normalize
+
 CSRNET_CHANNELS: tuple[int, ...] = (512, 512, 512, 256, 128, 64)
 
 
@@ -70,3 +72,27 @@ def density_count_in_region(density: Tensor, image_size: Tensor, stride: int) ->
     size = image_size.to(density.device)
     inside = (centre_y[None, :, None] < size[:, 0, None, None]) & (centre_x[None, None, :] < size[:, 1, None, None])
     return (density * inside).flatten(start_dim=1).sum(dim=1)
+
+
+class DensityCounter(nn.Module):
+    """A CSRNet-style counter: backbone feature map at stride 8 -> `DensityHead` -> density.
+
+    backbone: a `create_backbone(name, pretrained, reductions=(8,))` module (one map, stride 8).
+    forward(images (B, 3, H, W) RGB in [0, 1]) returns {"density": (B, 1, h, w) >= 0, its sum the
+    count, h and w about H/8 and W/8 (the backbone's rounding); "features": (B, C8, h, w)}.
+    """
+
+    stride = 8
+
+    def __init__(self, backbone: nn.Module, channels: Sequence[int] = CSRNET_CHANNELS,
+                 activation: str = "softplus") -> None:
+        super().__init__()
+        if list(getattr(backbone, "reductions", [self.stride])) != [self.stride]:
+            raise ValueError(f"DensityCounter needs one backbone map at stride 8, got {backbone.reductions}")
+        self.normalize = Normalize()
+        self.backbone = backbone
+        self.head = DensityHead(backbone.channels[0], channels, activation=activation, stride=self.stride)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        (features,) = self.backbone(self.normalize(images))
+        return {"density": self.head(features), "features": features}

@@ -1,0 +1,54 @@
+"""Pieces the counting LightningModules share: end-of-stage metrics, the optimizer, point cropping."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import Metric
+
+from crowdseg.metrics import write_metrics_json
+
+
+def finish_stage(module: L.LightningModule, stage: str, metrics: Sequence[Metric], run_dir: Optional[Path],
+                 keep: Callable[[str], bool] = lambda key: True) -> dict[str, float]:
+    """Compute, log as `<stage>/<key>` and reset `metrics`; write `<run_dir>/metrics/<stage>.json`.
+
+    Call it on every rank (the metrics synchronise inside `compute`). Only rank 0 writes the file,
+    and not during Lightning's sanity check. `keep(key)` filters the keys of the metrics' results.
+    Returns the logged values as floats.
+    """
+    values: dict[str, float] = {}
+    for metric in metrics:
+        for key, value in metric.compute().items():
+            if keep(key):
+                values[f"{stage}/{key}"] = float(value)
+        metric.reset()
+    module.log_dict(values, sync_dist=False)  # already synchronised by the metrics
+    trainer = module.trainer
+    if run_dir is not None and trainer.is_global_zero and not trainer.sanity_checking:
+        write_metrics_json(run_dir, stage, values)
+    return values
+
+
+def adam_with_backbone_lr(model: nn.Module, backbone: nn.Module, optim: Mapping[str, Any]) -> dict[str, Any]:
+    """Adam with `lr` for the heads and `backbone_lr` for `backbone`, StepLR per epoch.
+
+    optim: {"lr", "backbone_lr", "weight_decay", "step_size", "gamma"}.
+    """
+    backbone_params = list(backbone.parameters())
+    backbone_ids = {id(p) for p in backbone_params}
+    rest = [p for p in model.parameters() if id(p) not in backbone_ids]
+    optimizer = torch.optim.Adam([{"params": rest, "lr": optim["lr"]},
+                                  {"params": backbone_params, "lr": optim["backbone_lr"]}],
+                                 weight_decay=optim["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, optim["step_size"], optim["gamma"])
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def inside_image(points: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N,) bool: points (N, 2) xy whose pixel (round(y), round(x)) lies in an (height, width) image."""
+    x, y = points[:, 0], points[:, 1]
+    return (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
