@@ -119,7 +119,8 @@ def generate_instance_map(predictor: BatchedSamPredictor, image: torch.Tensor, p
             prompts = build_prompts(pts, radii, neighbours, index, tile, predictor.patch, predictor.embed_size,
                                     cfg.context_factor, cfg.box_prompt)
             p_b, r_b = pts_dev[index], radii_dev[index]
-            inside, valid = window_cells_geometry(p_b, r_b, tile, prompts.origins, prompts.cells, predictor.patch)
+            inside, valid = window_cells_geometry(p_b, r_b, tile, prompts.origins, prompts.cells, predictor.patch,
+                                                  cfg.context_factor)
             logits, passes_here = _decode_chunk(predictor, embedding, prompts, inside, valid, cfg, clock)
             passes += passes_here
             clock("post_s")

@@ -113,10 +113,14 @@ def exclusion_mask_prompt(inside: torch.Tensor, origins: torch.Tensor, low_res: 
 
 
 def window_cells_geometry(p: torch.Tensor, r: torch.Tensor, tile: Tile, origins: torch.Tensor,
-                          cells: int, patch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which low-res cells of each window lie inside the circle and inside the resized image.
+                          cells: int, patch: int = 16, context_factor: float = 2.0
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which low-res cells of each window lie inside the circle, and which count at all.
 
-    p: (B, 2) xy; r: (B,). Returns inside (B, S, S) bool and valid (B, S, S) bool, S = 4 * cells.
+    p: (B, 2) xy; r: (B,). Returns inside (B, S, S) bool (cell centre in the circle) and valid
+    (B, S, S) bool: inside the resized image and within `context_factor` radii of the point. The
+    window itself is shared by a chunk and sized for its largest circle; `valid` makes what a
+    prompt sees independent of its chunk. S = 4 * cells.
     """
     sx, sy = tile.scale_xy
     x0, y0 = tile.context[:2]
@@ -131,8 +135,9 @@ def window_cells_geometry(p: torch.Tensor, r: torch.Tensor, tile: Tile, origins:
     xs = xs_in / sx - 0.5 + x0
     pd = p.to(torch.float64)
     d2 = (xs[:, None, :] - pd[:, 0, None, None]) ** 2 + (ys[:, :, None] - pd[:, 1, None, None]) ** 2
-    inside = d2 <= (r.to(torch.float64) ** 2)[:, None, None]
-    valid = (ys_in[:, :, None] < rh) & (xs_in[:, None, :] < rw)
+    r2 = (r.to(torch.float64) ** 2)[:, None, None]
+    inside = d2 <= r2
+    valid = (ys_in[:, :, None] < rh) & (xs_in[:, None, :] < rw) & (d2 <= context_factor ** 2 * r2)
     return inside, valid
 
 

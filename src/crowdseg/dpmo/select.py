@@ -1,13 +1,13 @@
 """Pick one of SAM's multimask candidates per prompt, using the NNEC circle.
 
-Scores, computed on the low-res window cells of each prompt (cells outside the resized image are
-ignored):
+Scores are computed on the low-res cells within `context_factor` radii of the point (the *context
+disc*; cells outside the resized image are ignored), so they do not depend on how prompts were
+chunked:
 - `iou_inside` (default): SAM's predicted IoU x the fraction of the candidate's area that lies
   inside the circle. A candidate that leaks over neighbours scores low even if SAM likes it.
 - `disc_iou`: the IoU of the candidate with the circle (ignores SAM's own quality estimate).
-A candidate with no foreground cell in the window scores 0. The window spans `context_factor`
-radii, so leakage farther away than that is not seen (it would also fill the ring between one
-and `context_factor` radii, which is counted).
+A candidate with no foreground cell in the context disc scores 0. Leakage beyond the context disc
+is not seen (it would also fill the ring between one and `context_factor` radii, which is).
 """
 from __future__ import annotations
 

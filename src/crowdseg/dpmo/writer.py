@@ -37,9 +37,8 @@ from crowdseg.errors import ConfigError, DataError
 from crowdseg.io import atomic_path, write_json_atomic
 from crowdseg.sam.build import CHECKPOINT_SOURCES, build_sam
 from crowdseg.sam.predictor import BatchedSamPredictor
+from datamodules.readers.idmaps import MAX_PNG_ID, write_id_map_png
 from datamodules.types import collate_samples
-
-MAX_PNG_ID = 65535
 
 
 def masks_dir(cfg: DictConfig) -> Path:
@@ -128,11 +127,7 @@ class MaskWriter(BasePredictionWriter):
 def write_mask_outputs(out_dir: Path, stem: str, id_map: np.ndarray, report: dict,
                        image: Optional[torch.Tensor] = None, points: Optional[torch.Tensor] = None) -> None:
     """`<stem>.png` (uint16 ids), optional `overlays/<stem>.jpg`, then `<stem>.json`, each atomic."""
-    if id_map.max(initial=0) > MAX_PNG_ID:
-        raise DataError(f"{stem}: instance id {int(id_map.max())} does not fit a 16-bit PNG")
-    with atomic_path(out_dir / f"{stem}.png", suffix=".png") as tmp:
-        if not cv2.imwrite(str(tmp), np.ascontiguousarray(id_map.astype(np.uint16))):
-            raise OSError(f"could not write {out_dir / (stem + '.png')}")
+    write_id_map_png(out_dir / f"{stem}.png", id_map)       # the format datamodules' readers load
     if image is not None:
         with atomic_path(out_dir / "overlays" / f"{stem}.jpg", suffix=".jpg") as tmp:
             if not cv2.imwrite(str(tmp), overlay_picture(image, id_map, points)[..., ::-1].copy()):
