@@ -26,7 +26,8 @@ from crowdseg.metrics.instance_iou import matched_iou_sum
 from crowdseg.metrics.localization import (DEFAULT_FIXED_RADII, NUM_LEVELS, THRESHOLD_NAMES, LocalizationCounts,
                                            flatten_summary, localization_counts, localization_summary,
                                            resolve_radii_and_levels)
-from crowdseg.metrics.mask_ap import (DEFAULT_MAX_DETS, build_coco_gt, coco_mask_ap, id_map_to_rles, masks_to_rles)
+from crowdseg.metrics.mask_ap import DEFAULT_MAX_DETS, build_coco_gt, coco_mask_ap, id_map_to_rles, masks_to_rles
+from crowdseg.metrics.matching import matching_function
 
 
 def _scalars(values: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -65,7 +66,8 @@ class LocalizationMetrics(Metric):
     points (P_b, 2) and GT points (G_b, 2), xy in the same pixel frame; optional per image radii
     (G_b, 2) [sigma_s, sigma_l], head boxes (G_b, 4) xyxy (radii and levels follow from them),
     levels (G_b,). Without radii or boxes, `fixed_radii` (default 4 and 8 px) are sigma_s and
-    sigma_l. `compute()` -> {"sigma_s_precision", "sigma_s_recall", "sigma_s_f1",
+    sigma_l. `matching`: "hopcroft-karp" (default, guaranteed O(E sqrt V)) or "official" (the
+    NWPU code's tie-breaking, for per-level numbers identical to it). `compute()` -> {"sigma_s_precision", "sigma_s_recall", "sigma_s_f1",
     "sigma_s_tp/fp/fn", "sigma_s_recall_level0".."5", "sigma_s_recall_level_mean", and the same
     for "sigma_l" (the main score)}.
     """
@@ -75,8 +77,10 @@ class LocalizationMetrics(Metric):
     higher_is_better = True
 
     def __init__(self, fixed_radii: Optional[Sequence[float]] = DEFAULT_FIXED_RADII,
-                 num_levels: int = NUM_LEVELS, **kwargs: Any) -> None:
+                 num_levels: int = NUM_LEVELS, matching: str = "hopcroft-karp", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        matching_function(matching)  # fail early on an unknown name
+        self.matching = matching
         self.fixed_radii = None if fixed_radii is None else tuple(float(r) for r in fixed_radii)
         self.num_levels = num_levels
         t = len(THRESHOLD_NAMES)
@@ -101,7 +105,7 @@ class LocalizationMetrics(Metric):
                 r = np.zeros((0, t))
             if r.shape[1] != t:
                 raise ValueError(f"radii must have {t} columns (sigma_s, sigma_l), got {r.shape[1]}")
-            total = total + localization_counts(pred, gt, r, lv, self.num_levels)
+            total = total + localization_counts(pred, gt, r, lv, self.num_levels, self.matching)
         for name in ("tp", "fp", "fn", "tp_level", "fn_level"):
             state = getattr(self, name)
             state += torch.as_tensor(getattr(total, name), device=state.device)
