@@ -44,8 +44,10 @@ def is_global_zero() -> bool:
         int(os.environ.get("NODE_RANK", "0")) == 0
 
 
-def prepare_run_dir(cfg: DictConfig) -> Path:
-    """Create the run directory (checking it is writable) and write `config.yaml` atomically."""
+def prepare_run_dir(cfg: DictConfig, write_config: bool = True) -> Path:
+    """Create the run directory (checking it is writable) and write `config.yaml` atomically.
+
+    Evaluation commands pass `write_config=False`: the file records what was trained."""
     path = run_dir(cfg)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,7 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
             pass
     except OSError as err:
         raise ConfigError(f"key 'runs_root': run directory {path} is not writable ({err.strerror})") from None
-    if is_global_zero():
+    if write_config and is_global_zero():
         write_text_atomic(path / "config.yaml", to_yaml(cfg))
     return path
 

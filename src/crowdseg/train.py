@@ -62,10 +62,19 @@ def build_density(cfg: DictConfig, path: Path) -> Job:
     return Job(module, datamodule)
 
 
+def build_rps(cfg: DictConfig, path: Path) -> Job:
+    from crowdseg.data import build_datamodule
+    from crowdseg.lit.rps import rps_module_from_config
+
+    datamodule = build_datamodule(cfg)
+    return Job(rps_module_from_config(cfg, path, datamodule), datamodule)
+
+
 # method name -> builder. A plain dict: adding a method is one line here.
 METHODS: dict[str, Callable[[DictConfig, Path], Job]] = {
     "p2p": build_p2p,
     "density": build_density,
+    "rps": build_rps,
 }
 
 
@@ -85,7 +94,8 @@ def build_trainer(cfg: DictConfig, path: Path, job: Job, **overrides: Any) -> L.
         logger=build_loggers(cfg, path),
         callbacks=build_checkpoint_callbacks(path, cfg.checkpoint_every_n_steps, monitor, mode),
         plugins=[AtomicCheckpointIO()],
-        gradient_clip_val=cfg.optim.grad_clip,
+        # a module with manual optimisation (rps) clips its gradients by hand; Lightning refuses to
+        gradient_clip_val=cfg.optim.grad_clip if job.module.automatic_optimization else None,
         **trainer_kwargs,
     )
 
@@ -130,12 +140,13 @@ def mean_count_baseline(datamodule: L.LightningDataModule) -> float:
 def evaluate(cfg: DictConfig, stage: str = "validate") -> dict[str, Any]:
     """Run `validate`, `test` or `predict` with the weights of `ckpt_path` (default: the run's last.ckpt)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    path = prepare_run_dir(cfg)
+    path = run_dir(cfg)
     ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else last_checkpoint(path)
     if ckpt is None:
         raise ConfigError(f"key 'ckpt_path': no checkpoint given and none in {path / 'checkpoints'}; "
                           f"train first (`crowdseg fit`) or pass ckpt_path=...")
     check_checkpoint(ckpt)
+    prepare_run_dir(cfg, write_config=False)
     job = build_job(cfg, path)
     trainer = build_trainer(cfg, path, job)
     run = {"validate": trainer.validate, "test": trainer.test, "predict": trainer.predict}[stage]

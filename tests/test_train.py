@@ -1,0 +1,114 @@
+"""End-to-end runs of the point predictor: fast_dev_run, kill-and-resume, bad input, DDP."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from crowdseg.cli import main
+from crowdseg.config import load_config
+from crowdseg.train import evaluate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = ROOT / "experiments" / "p2p" / "synthetic.yaml"
+
+
+def test_fast_dev_run(tiny_overrides):
+    cfg = load_config(EXPERIMENT, tiny_overrides + ["trainer.fast_dev_run=true"])
+    result = train(cfg)
+    assert result["global_step"] == 1
+    assert "train/loss" in result and torch.isfinite(torch.tensor(result["train/loss"]))
+
+
+def test_fit_then_test_writes_run_directory(tiny_overrides):
+    cfg = load_config(EXPERIMENT, tiny_overrides)
+    result = train(cfg)
+    run = Path(result["run_dir"])
+    assert run == Path(cfg.runs_root) / "p2p/synthetic" / "p2p-synthetic-lf100-s0"
+    for name in ("config.yaml", "checkpoints/last.ckpt", "csv/metrics.csv", "wandb_id", "pictures/val_00.png"):
+        assert (run / name).is_file(), name
+    assert result["val/mae_mean_baseline"] >= 0 and "val/mae" in result
+    metrics = evaluate(cfg, "test")
+    assert {"test/mae", "test/rmse"} <= set(metrics)
+
+
+def _ckpt_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_overrides):
+    overrides = tiny_overrides + ["data.synthetic.num_train=16", "trainer.max_epochs=2", "checkpoint_every_n_steps=2"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # uninterrupted reference: 16 images / batch 4 = 4 steps per epoch, 8 in all
+    reference = train(load_config(EXPERIMENT, overrides + [f"runs_root={tmp_path / 'ref'}"]))
+    assert reference["global_step"] == 8
+
+    command = [sys.executable, "-m", "crowdseg", "fit", str(EXPERIMENT), *overrides]
+    run = Path(load_config(EXPERIMENT, overrides).runs_root) / "p2p/synthetic/p2p-synthetic-lf100-s0"
+    last = run / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _ckpt_step(last)
+    assert 2 <= killed_at < 8, "the run was not killed mid-training"
+    wandb_id = (run / "wandb_id").read_text()
+
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _ckpt_step(last) == reference["global_step"]
+    assert (run / "wandb_id").read_text() == wandb_id
+    assert not list(run.rglob("*.tmp*")), "a temporary file was left behind"
+
+
+def test_bad_input_exits_2_and_leaves_run_dir_alone(tmp_path, tiny_overrides, capsys):
+    cfg = load_config(EXPERIMENT, tiny_overrides + ["trainer.fast_dev_run=true"])
+    run = Path(train(cfg)["run_dir"])
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+
+    assert main(["fit", str(EXPERIMENT), *tiny_overrides, "data.batchsize=2"]) == 2
+    assert "did you mean 'data.batch_size'" in capsys.readouterr().err
+
+    not_ckpt = tmp_path / "weights.ckpt"
+    not_ckpt.write_text("hello")
+    assert main(["test", str(EXPERIMENT), *tiny_overrides, f"ckpt_path={not_ckpt}"]) == 2
+    assert "is not a checkpoint" in capsys.readouterr().err
+    assert main(["test", str(EXPERIMENT), *tiny_overrides, f"ckpt_path={tmp_path / 'nope.ckpt'}"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("method: p2p\n  data: [\n")
+    assert main(["fit", str(broken)]) == 2
+    assert "malformed YAML" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_unwritable_run_dir(tmp_path, tiny_overrides, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["fit", str(EXPERIMENT), *tiny_overrides, f"runs_root={blocker}"]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_two_process_ddp_run(tmp_path, tiny_overrides, strategy):
+    overrides = tiny_overrides + ["trainer.devices=2", f"trainer.strategy={strategy}", "data.synthetic.num_train=16",
+                                  "data.synthetic.num_val=4", f"runs_root={tmp_path / strategy}"]
+    done = subprocess.run([sys.executable, "-m", "crowdseg", "fit", str(EXPERIMENT), *overrides], cwd=ROOT,
+                          capture_output=True, text=True, timeout=400, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((tmp_path / strategy).glob("p2p/synthetic/*"))
+    assert len(runs) == 1, "one run directory for all ranks"
+    # global batch 4 over 2 ranks: 2 per rank, 16 images -> 8 images per rank -> 4 steps
+    assert _ckpt_step(runs[0] / "checkpoints" / "last.ckpt") == 4
+    assert "val/mae" in done.stdout
