@@ -66,6 +66,10 @@ class PreprocessCache:
         self.params = params
         digest = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
         self.folder = Path(cache_dir) / f"{params['dataset']}-{digest}"
+        self._labels: dict[str, RawSample] = {}  # per process: labels are small, read each file once
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_labels": {}}
 
     def _paths(self, record: Record) -> tuple[Path, Path, Path]:
         key = record_key(record)
@@ -122,6 +126,18 @@ class PreprocessCache:
     def load(self, record: Record) -> RawSample:
         """The raw sample of a cached record; the image (and mask) are read-only memory maps."""
         image_path, mask_path, labels_path = self._paths(record)
+        labels = self._labels.get(record.name)
+        if labels is None:
+            labels = self._labels[record.name] = self._read_labels(record, labels_path)
+        raw: RawSample = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in labels.items()}
+        raw["point_attrs"] = {k: v.copy() for k, v in labels["point_attrs"].items()}
+        raw["meta"] = dict(labels["meta"])
+        raw["image"] = np.load(image_path, mmap_mode="r")
+        raw["instance_map"] = np.load(mask_path, mmap_mode="r") if mask_path.exists() else None
+        return raw
+
+    @staticmethod
+    def _read_labels(record: Record, labels_path: Path) -> RawSample:
         if not labels_path.exists():
             raise DataError(f"{labels_path}: {record.name} is not in the preprocessing cache (build it first)")
         with np.load(labels_path, allow_pickle=False) as z:
@@ -134,8 +150,6 @@ class PreprocessCache:
                     raw[key] = z[key]
         meta["orig_size"] = tuple(meta["orig_size"])
         raw["meta"] = meta
-        raw["image"] = np.load(image_path, mmap_mode="r")
-        raw["instance_map"] = np.load(mask_path, mmap_mode="r") if mask_path.exists() else None
         return raw
 
 
