@@ -54,7 +54,7 @@ def _experiment_parser(command: str) -> argparse.ArgumentParser:
 def run_experiment_command(command: str, argv: Sequence[str]) -> int:
     from crowdseg.config import load_config, to_yaml
 
-    args = _experiment_parser(command).parse_args(list(argv))
+    args = _experiment_parser(command).parse_intermixed_args(list(argv))
     cfg = load_config(args.experiment, args.overrides)
     if command == "config":
         print(to_yaml(cfg), end="")

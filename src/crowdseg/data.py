@@ -1,29 +1,40 @@
 """Build datasets and DataModules from the experiment config (the wiring layer)."""
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from crowdseg.errors import ConfigError
 from datamodules.crowd import CrowdDataModule
-from datamodules.synthetic import SyntheticCrowd, SyntheticSpec
+from datamodules.dataset import build_dataset as _build_dataset
+from datamodules.transforms import TrainTransform
 
 
-def build_dataset(cfg: DictConfig, split: str, train: bool = False) -> Dataset:
-    """The dataset of `split` ("train", "val", "test" or a dataset-specific split name).
+def train_transform(cfg: DictConfig) -> TrainTransform:
+    data = cfg.data
+    return TrainTransform(crop_size=data.crop_size, scale_range=tuple(data.scale_range), hflip=data.hflip,
+                          photometric=data.photometric, seed=cfg.seed)
 
-    `train=True` adds the training augmentations.
-    """
+
+def dataset_options(cfg: DictConfig, split: str) -> dict[str, Any]:
+    """Keyword arguments of `datamodules.dataset.build_dataset` for `split`."""
     data = cfg.data
     if data.name == "synthetic":
         syn = data.synthetic
-        spec = SyntheticSpec(height=syn.height, width=syn.width, min_people=syn.min_people,
-                             max_people=syn.max_people, seed=syn.seed)
         sizes = {"train": syn.num_train, "val": syn.num_val, "test": syn.num_test}
-        if split not in sizes:
-            raise ConfigError(f"key 'data.*_split': the synthetic crowd has splits train/val/test, not {split!r}")
-        return SyntheticCrowd(sizes[split], split, spec)
-    raise ConfigError(f"key 'data.name': unknown dataset {data.name!r}")
+        return {"num_images": sizes.get(split, syn.num_test), "height": syn.height, "width": syn.width,
+                "min_people": syn.min_people, "max_people": syn.max_people, "seed": syn.seed}
+    return {"on_bad_annotation": data.on_bad_annotation, "max_size": data.max_size, "cache_dir": data.cache_dir,
+            "num_workers": data.num_workers, "masks_dir": data.masks_dir,
+            **OmegaConf.to_container(data.reader_options, resolve=True)}
+
+
+def build_dataset(cfg: DictConfig, split: str, train: bool = False) -> Dataset:
+    """The dataset of `split` ("train", "val", "test" or a dataset-specific split name), whole images;
+    `train=True` adds the training augmentations (random scale, crop, flip, photometric)."""
+    return _build_dataset(cfg.data.name, cfg.data.root, split, transform=train_transform(cfg) if train else None,
+                          **dataset_options(cfg, split))
 
 
 def build_datamodule(cfg: DictConfig) -> CrowdDataModule:

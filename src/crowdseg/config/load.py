@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method": ("p2p", "density", "rps", "xmask", "boxinst", "dpmo"),
     "logger.wandb.mode": ("online", "offline", "disabled"),
     "data.on_bad_annotation": ("fail", "skip"),
+    "data.photometric": ("none", "weak", "strong"),
 }
 
 
