@@ -41,7 +41,12 @@ class DataConfig:
     label_fraction: float = 100.0    # percent of labeled training images (5, 10, 40 or 100)
     split_seed: int = 0              # seed of the label-fraction split (independent of `seed`)
     on_bad_annotation: str = "fail"  # fail | skip
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = None  # preprocessing cache (resized images + labels); None reads the files
+    masks_dir: Optional[str] = None  # instance-id maps `<image stem>.png|.npy` (e.g. from `crowdseg masks`)
+    scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # training random scale
+    hflip: float = 0.5               # training horizontal-flip probability
+    photometric: str = "none"        # training colour jitter / blur: none | weak | strong
+    reader_options: dict[str, Any] = field(default_factory=dict)  # passed to the dataset reader
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -135,6 +140,34 @@ class LoggerConfig:
 
 
 @dataclass
+class RpsConfig:
+    """Reinforced Point Selection with GRPO, `method: rps` (crowdseg/lit/rps.py, crowdseg/rl/, METHODS.md D2).
+
+    The proposer is the `model:` point predictor; SAM comes from `sam:`; NNEC radii, negative prompts,
+    decode windows, the overlap rule and tiling follow `dpmo:` (masks are cut the way DPMO cuts them).
+    The scorer's optimizer uses `rps.lr` and the `optim:` weight decay, gradient clip and StepLR.
+    """
+    proposer_ckpt: Optional[str] = None  # p2p checkpoint whose `model.*` weights initialise the proposer
+    train_proposer: bool = False      # False: proposer frozen; True: also trained, with the P2P loss (`loss:`)
+    train_points: str = "matched"     # matched: the proposal Hungarian-matched to each GT point | predicted: score > threshold
+    num_candidates: int = 8           # K candidates per point (index 0 = the point itself)
+    sigma: float = 0.5                # candidate spread, in NNEC radii
+    group_size: int = 8               # G actions sampled per group from pi_old (with replacement)
+    clip_eps: float = 0.2             # PPO ratio clip epsilon
+    beta: float = 0.04                # KL(pi || pi_ref) weight (k3 estimator)
+    ppo_epochs: int = 1               # policy updates per rollout (1: pi_old = pi_theta, ratio 1)
+    warmup_steps: int = 0             # rollouts that regress candidate IoU before GRPO (reference = the result)
+    warmup_loss: str = "bce"          # bce | mse
+    grpo: bool = True                 # False: the control, no GRPO phase
+    lr: float = 1e-3                  # scorer learning rate
+    scorer_channels: int = 128
+    scorer_layers: int = 2
+    selection: str = "iou"            # SAM multimask pick: iou (predicted IoU) | iou_inside | disc_iou
+    unmatched_reward: float = 0.0     # reward of every candidate of a point matching no GT instance
+    distance_weight: float = 0.0      # optional penalty weight * min(|c - p_gt| / r, 1)
+
+
+@dataclass
 class SamConfig:
     """SAM backend (crowdseg/sam)."""
     model_type: str = "tiny"          # vit_b | vit_l | vit_h | vit_t | tiny
@@ -190,3 +223,4 @@ class ExperimentConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sam: SamConfig = field(default_factory=SamConfig)
     dpmo: DpmoConfig = field(default_factory=DpmoConfig)
+    rps: RpsConfig = field(default_factory=RpsConfig)
