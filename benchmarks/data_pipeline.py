@@ -6,8 +6,8 @@ at most --max-size, random scale 0.7-1.3 + 256 x 256 crop + flip) -> collate int
 and only touches the crop window. The cache is built once beforehand (its build time is reported).
 
 Data: UCF-CC-50 (../shared/data/ucf_cc_50, 50 grayscale images). Those files are all at most
-1 MP (1024 x 1024), so the benchmark also runs on a copy with every image upscaled to at least
-2.5 MP (at least 2x per side, bicubic, JPEG quality 90, points moved with the image): the ">2 MP"
+1 MP (1024 x 1024), so the benchmark also runs on a copy with every image upscaled to about
+2.5 MP or more (at least 2x per side, bicubic, JPEG quality 90, points moved with the image): the ">2 MP"
 case of QNRF / NWPU-sized images.
 
     .venv/bin/python benchmarks/data_pipeline.py [--epochs 2] [--repeats 3] [--workers 2] [--max-size 2048]

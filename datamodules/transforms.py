@@ -18,8 +18,9 @@ training): `image` is the weak view, `image_strong` the strong one and `cutout` 
 the erased rectangle of the strong view. `EvalTransform` keeps the whole image and zero-pads it at
 the right and bottom to a multiple of 32 (`meta["valid_size"]` is the unpadded (H, W)).
 
-Randomness: each process (DataLoader worker) seeds its generator from `torch.initial_seed()` the
-first time it runs, so workers differ and runs seeded with Lightning's `seed_everything` repeat.
+Randomness: each process (DataLoader worker) seeds its generator the first time it runs from
+(`seed`, `torch.initial_seed()`, worker id): workers and epochs differ, and runs seeded with
+Lightning's `seed_everything` repeat.
 """
 from __future__ import annotations
 
@@ -218,8 +219,8 @@ class _Seeded:
         if self._rng is None or self._pid != os.getpid():
             info = torch.utils.data.get_worker_info()
             worker = info.id if info is not None else 0
-            base = torch.initial_seed() if self.seed is None else self.seed
-            self._rng = np.random.default_rng([int(base) % (2 ** 63), worker])
+            # torch.initial_seed() differs per worker and per epoch of non-persistent workers
+            self._rng = np.random.default_rng([self.seed or 0, torch.initial_seed() % (2 ** 63), worker])
             self._pid = os.getpid()
             for compose in self._composes():
                 compose.set_random_seed(int(self._rng.integers(2 ** 31)))
