@@ -65,7 +65,6 @@ def read_nwpu(root: str | Path, split: str = "train") -> tuple[list[Record], lis
     problems: list[Problem] = []
     records = []
     for i in ids:
-        name = f"{i}.jpg"
         img = images.get(i)
         ann = json_dir / f"{i}.json"
         if img is None:
