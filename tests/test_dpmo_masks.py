@@ -89,9 +89,24 @@ def test_real_sam_types_need_a_checkpoint(tmp_path):
     cfg = load_config(EXPERIMENT, overrides(tmp_path, 1, "sam.model_type=vit_b"))
     with pytest.raises(ConfigError, match=r"key 'sam.checkpoint': model type vit_b needs a local checkpoint"):
         run_masks(cfg)
+    missing = tmp_path / "nowhere" / "sam_vit_b_01ec64.pth"
+    cfg = load_config(EXPERIMENT, overrides(tmp_path, 1, "sam.model_type=vit_b", f"sam.checkpoint={missing}"))
+    with pytest.raises(ConfigError, match=r"sam.checkpoint .*nowhere/sam_vit_b_01ec64.pth: file not found; expected a vit_b"):
+        run_masks(cfg)
     cfg = load_config(EXPERIMENT, overrides(tmp_path, 1, "dpmo.variant=edp"))
     with pytest.raises(ConfigError, match="key 'dpmo.variant'"):
         run_masks(cfg)
+
+
+@pytest.mark.parametrize("name", ["sha", "shb", "qnrf", "jhu", "nwpu"])
+def test_dataset_configs_compose(name):
+    from crowdseg.dpmo import check_dpmo_config
+    cfg = load_config(ROOT / "experiments" / "dpmo" / f"{name}.yaml", ["dpmo.split=test"])
+    assert cfg.method == "dpmo" and cfg.data.name == name and cfg.data.root
+    assert cfg.sam.model_type == "vit_b" and cfg.sam.checkpoint.endswith("sam_vit_b_01ec64.pth")
+    assert cfg.data.max_size is None
+    check_dpmo_config(cfg.dpmo)
+    assert masks_dir(cfg) == Path("runs") / "dpmo" / name / "masks" / "test"
 
 
 def _masks_command(tmp_path: Path, images: int, *extra: str) -> list[str]:
