@@ -120,6 +120,31 @@ def nearest_resize(id_map: np.ndarray, height: int, width: int) -> np.ndarray:
     return id_map[rows[:, None], cols[None, :]]
 
 
+def own_pixel(id_map: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """(N,) bool: whether the pixel holding point k has id k + 1 (points outside the map: False)."""
+    h, w = id_map.shape
+    if len(points) == 0:
+        return np.zeros(0, bool)
+    cols, rows = np.round(points[:, 0]).astype(np.int64), np.round(points[:, 1]).astype(np.int64)
+    inside = (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
+    held = np.zeros(len(points), bool)
+    held[inside] = np.asarray(id_map)[rows[inside], cols[inside]] == np.flatnonzero(inside) + 1
+    return held
+
+
+def stamp_point_pixels(id_map: np.ndarray, points: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Write id k + 1 at the pixel of every point k in `which` (bool (N,)) that lies in the map.
+
+    Resampling can move or erase an instance of one or two pixels; stamping keeps a point that was
+    inside its own mask inside it after a resize or crop.
+    """
+    h, w = id_map.shape
+    cols, rows = np.round(points[:, 0]).astype(np.int64), np.round(points[:, 1]).astype(np.int64)
+    which = which & (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
+    id_map[rows[which], cols[which]] = np.flatnonzero(which) + 1
+    return id_map
+
+
 def resize_raw(raw: RawSample, max_size: int | None) -> RawSample:
     """Resize image, points, boxes and instance map together so the long side is <= max_size."""
     h, w = raw["image"].shape[:2]
@@ -134,7 +159,8 @@ def resize_raw(raw: RawSample, max_size: int | None) -> RawSample:
     for key in box_keys(raw):
         out[key] = scale_boxes(raw[key], sx, sy)
     if raw.get("instance_map") is not None:
-        out["instance_map"] = nearest_resize(raw["instance_map"], th, tw)
+        held = own_pixel(raw["instance_map"], raw["points"])
+        out["instance_map"] = stamp_point_pixels(nearest_resize(raw["instance_map"], th, tw), out["points"], held)
     out["meta"] = {**raw["meta"], "scale": raw["meta"].get("scale", 1.0) * sx}
     return out
 

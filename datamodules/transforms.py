@@ -6,9 +6,11 @@ cache) or a contract sample (tensors, e.g. from the synthetic crowd) and returns
 Training (`TrainTransform`), in this order:
 1. random scale + crop (`scale_crop`): the crop window is cut from the source first and only then
    resampled, so a multi-megapixel image (or a memory-mapped cache entry) is never resized whole.
-   Pixel centres map to pixel centres (p' = s (p + 0.5) - 0.5 - offset). Points that leave the crop
-   are dropped with their boxes and attributes, and the instance map is renumbered so that id k + 1
-   is still point k (pixels of a dropped point's instance become background);
+   Pixel centres map to pixel centres (p' = s (p + 0.5) - 0.5 - offset). The instance map is
+   resampled nearest-neighbour, and a point that was inside its own mask keeps its pixel (tiny
+   instances can otherwise vanish). Points that leave the crop are dropped with their boxes and
+   attributes, and the instance map is renumbered so that id k + 1 is still point k (pixels of a
+   dropped point's instance become background);
 2. horizontal flip (albumentations, keypoints for the points and box corners, mask for the ids);
 3. photometric: "none", "weak" (mild colour jitter) or "strong" (XMask's student view: colour jitter
    0.4/0.4/0.4/0.1 p=.8, grayscale p=.25, Gaussian blur sigma 0.1-2 p=.8), plus an optional cutout.
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.loading import RawSample, box_keys, to_sample
+from datamodules.loading import RawSample, box_keys, own_pixel, stamp_point_pixels, to_sample
 
 PHOTOMETRIC = ("none", "weak", "strong")
 
@@ -120,10 +122,12 @@ def scale_crop(raw: RawSample, scale: float, top: int, left: int, height: int, w
     def move(p: np.ndarray) -> np.ndarray:
         return (s * (p.reshape(-1, 2) + 0.5) - 0.5 - shift).astype(np.float32)
 
+    points = move(raw["points"])
     if raw.get("instance_map") is not None:
         rows = np.clip(np.round((np.arange(height) + top + 0.5) / s - 0.5), 0, h - 1).astype(np.int64)
         cols = np.clip(np.round((np.arange(width) + left + 0.5) / s - 0.5), 0, w - 1).astype(np.int64)
-        out["instance_map"] = np.asarray(raw["instance_map"])[rows[:, None], cols[None, :]].astype(np.int32)
+        id_map = np.asarray(raw["instance_map"])[rows[:, None], cols[None, :]].astype(np.int32)
+        out["instance_map"] = stamp_point_pixels(id_map, points, own_pixel(raw["instance_map"], raw["points"]))
     limit = np.array([width - 1, height - 1], np.float32)
     for key in box_keys(raw):
         out[key] = np.clip(move(raw[key]), 0, limit).reshape(-1, 4)
@@ -131,7 +135,6 @@ def scale_crop(raw: RawSample, scale: float, top: int, left: int, height: int, w
         moved = move(raw["ignore_boxes"]).reshape(-1, 4)
         visible = (moved[:, 2] >= 0) & (moved[:, 0] <= limit[0]) & (moved[:, 3] >= 0) & (moved[:, 1] <= limit[1])
         out["ignore_boxes"] = out["ignore_boxes"][visible]
-    points = move(raw["points"])
     out["points"] = points
     inside = ((points[:, 0] >= -0.5) & (points[:, 0] < width - 0.5)
               & (points[:, 1] >= -0.5) & (points[:, 1] < height - 0.5))

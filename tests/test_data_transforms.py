@@ -72,6 +72,18 @@ def test_flip_moves_points_boxes_and_masks_consistently():
     assert ids_at_points(out).tolist() == [1, 2]
 
 
+def test_one_pixel_instances_survive_downscaling():
+    """Nearest-neighbour resampling alone would lose most 1-pixel instances at scale 0.5."""
+    centres = [(float(x), float(y)) for y in range(1, 40, 3) for x in range(1, 40, 3)]
+    raw = {"image": np.zeros((40, 40, 3), np.uint8), "points": np.array(centres, np.float32), "boxes": None,
+           "instance_map": disc_map(40, 40, centres, 0), "point_attrs": {}, "meta": {"scale": 1.0}}
+    assert (raw["instance_map"] > 0).sum() == len(centres)
+    out = resize_raw(raw, max_size=20)
+    assert ids_at_points(to_sample(out)).tolist() == list(range(1, len(centres) + 1))
+    crop = scale_crop(raw, 0.6, 0, 0, 24, 24)
+    assert ids_at_points(to_sample(crop)).tolist() == list(range(1, len(crop["points"]) + 1))
+
+
 def test_resize_to_max_size_keeps_points_in_their_masks():
     centres = [(10.0, 10.0), (37.0, 21.0), (60.0, 44.0), (75.0, 8.0)]
     raw = {"image": np.zeros((50, 80, 3), np.uint8), "points": np.array(centres, np.float32), "boxes": None,
@@ -85,10 +97,11 @@ def test_resize_to_max_size_keeps_points_in_their_masks():
 @pytest.mark.parametrize("photometric", ["none", "strong"])
 def test_random_training_crops_keep_points_in_image_and_masks(photometric):
     ds = SyntheticCrowd(12, "train", SyntheticSpec(height=120, width=160, max_people=50))
-    t = TrainTransform(crop_size=64, scale_range=(0.7, 1.3), photometric=photometric, cutout=True, seed=1)
     total = 0
-    for i in range(len(ds)):
-        out = t(ds[i])
+    for i in range(3 * len(ds)):  # three random crops of every image
+        torch.manual_seed(i)
+        t = TrainTransform(crop_size=64, scale_range=(0.7, 1.3), photometric=photometric, cutout=True, seed=1)
+        out = t(ds[i % len(ds)])
         h, w = out["image"].shape[-2:]
         assert h <= 64 and w <= 64 and 0 <= out["image"].min() and out["image"].max() <= 1
         pts = out["points"]
@@ -111,6 +124,10 @@ def test_random_crops_of_real_shanghaitech_keep_points_inside():
 
 def test_two_views_share_the_crop_and_differ_in_appearance():
     ds = SyntheticCrowd(4, "train", SyntheticSpec(height=96, width=96, max_people=30))
+    for seed in range(30):  # tiny far-away heads: resampling must not lose a point's own pixel
+        torch.manual_seed(seed)
+        out = TwoViewTransform(crop_size=64, seed=2)(ds[seed % 4])
+        assert ids_at_points(out).tolist() == list(range(1, len(out["points"]) + 1))
     t = TwoViewTransform(crop_size=64, seed=2)
     out = t(ds[0])
     assert out["image"].shape == out["image_strong"].shape == (3, 64, 64)
