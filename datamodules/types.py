@@ -32,7 +32,8 @@ def collate_samples(samples: list[Sample]) -> Batch:
     Returns ``image`` (B, 3, Hmax, Wmax) zero-padded at the right/bottom, ``image_size`` (B, 2)
     long (H, W) of each unpadded image, ``points`` list of (N_b, 2), ``boxes`` list or None,
     ``instance_map`` list of (H_b, W_b) or None, ``meta`` list of dicts. Extra tensor keys with equal
-    shapes are stacked; anything else is kept as a list.
+    shapes are stacked (except per-point keys ending in "boxes" or "points"); anything else is kept
+    as a list.
     """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
@@ -54,7 +55,9 @@ def collate_samples(samples: list[Sample]) -> Batch:
         if key in batch or key in ("boxes", "instance_map"):
             continue
         values = [s[key] for s in samples]
-        if all(isinstance(v, torch.Tensor) for v in values) and len({tuple(v.shape) for v in values}) == 1:
+        # per-point labels (head_boxes, ...) stay lists even when two images happen to have equal counts
+        per_point = key.endswith("boxes") or key.endswith("points")
+        if not per_point and all(isinstance(v, torch.Tensor) for v in values) and len({tuple(v.shape) for v in values}) == 1:
             batch[key] = torch.stack(values)
         else:
             batch[key] = values

@@ -50,3 +50,11 @@ def test_collate_pads_and_keeps_lists():
     assert batch["image"][1, :, 48:, :].abs().sum() == 0
     assert len(batch["points"]) == 2 and batch["points"][1].shape[1] == 2
     assert batch["instance_map"][1].shape == (48, 40)
+
+
+def test_collate_keeps_per_point_keys_as_lists_even_with_equal_counts():
+    a = {"image": torch.zeros(3, 4, 4), "points": torch.zeros(2, 2), "head_boxes": torch.zeros(2, 4),
+         "cutout": torch.zeros(4, 4, dtype=torch.bool), "meta": {}}
+    batch = collate_samples([a, dict(a)])
+    assert isinstance(batch["head_boxes"], list) and len(batch["head_boxes"]) == 2
+    assert batch["cutout"].shape == (2, 4, 4)

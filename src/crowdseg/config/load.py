@@ -24,7 +24,7 @@ EXTENDS_KEY = "extends"
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": ("p2p", "density", "rps", "xmask", "boxinst", "dpmo"),
     "logger.wandb.mode": ("online", "offline", "disabled"),
-    "data.on_bad_annotation": ("fail", "skip"),
+    "data.on_bad_annotation": ("fail", "skip", "drop"),
     "data.photometric": ("none", "weak", "strong"),
 }
 

@@ -40,7 +40,7 @@ class DataConfig:
     max_size: Optional[int] = None   # resize so the long side is at most this (preprocessing cache)
     label_fraction: float = 100.0    # percent of labeled training images (5, 10, 40 or 100)
     split_seed: int = 0              # seed of the label-fraction split (independent of `seed`)
-    on_bad_annotation: str = "fail"  # fail | skip
+    on_bad_annotation: str = "fail"  # fail | skip (the image) | drop (only the bad points)
     cache_dir: Optional[str] = None  # preprocessing cache (resized images + labels); None reads the files
     masks_dir: Optional[str] = None  # instance-id maps `<image stem>.png|.npy` (e.g. from `crowdseg masks`)
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # training random scale
