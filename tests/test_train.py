@@ -112,3 +112,16 @@ def test_two_process_ddp_run(tmp_path, tiny_overrides, strategy):
     # global batch 4 over 2 ranks: 2 per rank, 16 images -> 8 images per rank -> 4 steps
     assert _ckpt_step(runs[0] / "checkpoints" / "last.ckpt") == 4
     assert "val/mae" in done.stdout
+
+
+def test_wandb_offline_run_is_continued_on_resume(tiny_overrides):
+    overrides = tiny_overrides + ["logger.wandb.mode=offline", "trainer.limit_val_batches=1"]
+    first = train(load_config(EXPERIMENT, overrides))
+    run = Path(first["run_dir"])
+    run_id = (run / "wandb_id").read_text().strip()
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
+    second = train(load_config(EXPERIMENT, overrides + ["trainer.max_epochs=2"]))
+    assert second["global_step"] == 2 * first["global_step"]
+    assert (run / "wandb_id").read_text().strip() == run_id
+    # every wandb run directory of this run directory carries the same id
+    assert {p.name.rsplit("-", 1)[-1] for p in (run / "wandb").glob("offline-run-*")} == {run_id}
