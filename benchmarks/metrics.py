@@ -17,7 +17,13 @@ Python objects, not the k-d tree's C++ nodes) and the growth of the peak residen
 parsing) of a fresh child process over its size after parsing (everything, page-granular; Linux). File parsing is shared and timed separately; `eval_loc_s` is the whole
 `crowdseg eval-loc` evaluation (parse + match) in-process.
 
-Usage: .venv/bin/python benchmarks/metrics.py [--repeats 3] [--out benchmarks/results/metrics.json]
+A second, smaller part times COCO mask AP on a synthetic crowd (discs around random points,
+cut by their Voronoi cells, predictions shifted by one pixel with random scores) with the two
+backends of `crowdseg.metrics.mask_ap`: faster-coco-eval (the default) and pycocotools; both
+must give the same numbers.
+
+Usage: .venv/bin/python benchmarks/metrics.py [--repeats 3] [--mask-ap-images 4] [--mask-ap-people 1000]
+       [--out benchmarks/results/metrics.json]
 """
 from __future__ import annotations
 
@@ -37,11 +43,13 @@ import scipy.sparse as sp
 from rich.console import Console
 from rich.table import Table
 from scipy.sparse.csgraph import maximum_bipartite_matching
+from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 from tqdm import tqdm
 
 from crowdseg.io import write_json_atomic
 from crowdseg.metrics.eval_loc import evaluate_localization_files
+from crowdseg.metrics.mask_ap import build_coco_gt, coco_mask_ap, detections_from_id_map, id_map_to_rles
 from crowdseg.metrics.localization import NUM_LEVELS, LocalizationCounts, localization_counts
 from crowdseg.metrics.nwpu import read_gt_file, read_pred_file
 
@@ -136,6 +144,33 @@ def child_rss(method: str, pred_file: str) -> None:
     print(json.dumps({"rss_growth_mib": (_status_kib("VmHWM") - before) / 1024}))
 
 
+def synthetic_crowd(rng: np.random.Generator, people: int, size: int = 512, radius: float = 8.0) -> np.ndarray:
+    """(size, size) id map: a disc around each random point, cut by its Voronoi cell."""
+    points = rng.uniform(0, size, size=(people, 2))
+    yy, xx = np.mgrid[0:size, 0:size]
+    distance, nearest = cKDTree(points).query(np.stack([xx.ravel(), yy.ravel()], axis=1))
+    return np.where(distance < radius, nearest + 1, 0).reshape(size, size)
+
+
+def mask_ap_backends(images: int, people: int) -> dict:
+    rng = np.random.default_rng(0)
+    gt_maps = [synthetic_crowd(rng, people) for _ in range(images)]
+    infos = [{"id": k + 1, "height": m.shape[0], "width": m.shape[1]} for k, m in enumerate(gt_maps)]
+    gt = build_coco_gt(infos, [id_map_to_rles(m)[1] for m in gt_maps])
+    detections = []
+    for k, m in enumerate(gt_maps):
+        detections += detections_from_id_map(k + 1, np.roll(m, 1, axis=1), rng.uniform(size=people))
+    result = {"images": images, "people_per_image": people, "detections": len(detections)}
+    for backend in ("faster", "pycocotools"):
+        start = time.perf_counter()
+        result[backend] = coco_mask_ap(gt, detections, backend=backend)
+        result[f"{backend}_s"] = time.perf_counter() - start
+    if result["faster"] != result["pycocotools"]:
+        raise SystemExit(f"mask AP backends differ: {result['faster']} vs {result['pycocotools']}")
+    result["speedup"] = result["pycocotools_s"] / result["faster_s"]
+    return result
+
+
 def same_totals(a: LocalizationCounts, b: LocalizationCounts) -> bool:
     return all(np.array_equal(getattr(a, n), getattr(b, n)) for n in ("tp", "fp", "fn"))
 
@@ -149,6 +184,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "metrics.json"))
+    parser.add_argument("--mask-ap-images", type=int, default=4)
+    parser.add_argument("--mask-ap-people", type=int, default=1000)
     parser.add_argument("--child-rss", nargs=2, metavar=("METHOD", "PRED_FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_rss:
@@ -218,11 +255,24 @@ def main() -> int:
                      f"{d / s:.1f}x" if s else "-")
     console.print(grow)
 
+    mask_ap = mask_ap_backends(args.mask_ap_images, args.mask_ap_people)
+    ap_table = Table(title=f"COCO mask AP, synthetic crowd: {mask_ap['images']} images x "
+                           f"{mask_ap['people_per_image']} people (maxDets 100/1000/5000)")
+    for col in ("backend", "seconds", "AP", "AP50", "AP75", "AR@100", "AR@5000"):
+        ap_table.add_column(col, justify="left" if col == "backend" else "right")
+    for backend in ("faster", "pycocotools"):
+        r = mask_ap[backend]
+        ap_table.add_row(backend, f"{mask_ap[backend + '_s']:.2f}", f"{r['ap']:.4f}", f"{r['ap50']:.4f}",
+                         f"{r['ap75']:.4f}", f"{r['ar_100']:.4f}", f"{r['ar_5000']:.4f}")
+    console.print(ap_table)
+    console.print(f"faster-coco-eval speedup: {mask_ap['speedup']:.1f}x, identical numbers")
+
     result = {
         "command": "python benchmarks/metrics.py " + " ".join(sys.argv[1:]),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
         "repeats": args.repeats, "parse_gt_s": parse_gt_s, "files": rows, "by_image_size": scaling,
+        "mask_ap_backends": mask_ap,
     }
     write_json_atomic(args.out, result)
     console.print(f"wrote {args.out}")

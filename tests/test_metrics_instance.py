@@ -139,15 +139,20 @@ def dets_and_gt(id_maps, pred_maps, scores=None):
     return gt, dets
 
 
-def test_perfect_prediction_gives_ap_one():
+BACKENDS = pytest.mark.parametrize("backend", ["faster", "pycocotools"])
+
+
+@BACKENDS
+def test_perfect_prediction_gives_ap_one(backend):
     gt_map = blocks_map(60, 80, 3, 4)
     gt, dets = dets_and_gt([gt_map], [gt_map], [np.linspace(0.1, 0.9, 12)])
-    out = coco_mask_ap(gt, dets)
+    out = coco_mask_ap(gt, dets, backend=backend)
     assert out["ap"] == out["ap50"] == out["ap75"] == 1.0
     assert out["ar_100"] == 1.0
 
 
-def test_hand_computed_ap_with_a_false_positive_ranked_first():
+@BACKENDS
+def test_hand_computed_ap_with_a_false_positive_ranked_first(backend):
     gt_map = np.zeros((40, 40), dtype=np.int64)
     gt_map[0:10, 0:10] = 1
     gt_map[20:30, 20:30] = 2
@@ -155,29 +160,46 @@ def test_hand_computed_ap_with_a_false_positive_ranked_first():
     pred[0:10, 0:10] = 1          # perfect on GT 1, score 0.9
     pred[0:10, 30:40] = 2         # touches nothing, score 0.95 (ranked first)
     gt, dets = dets_and_gt([gt_map], [pred], [np.array([0.9, 0.95])])
-    out = coco_mask_ap(gt, dets)
+    out = coco_mask_ap(gt, dets, backend=backend)
     # PR curve: (R 0, P 0), (R 0.5, P 0.5); interpolated precision 0.5 at the 51 recall points 0..0.5
     assert out["ap"] == pytest.approx(51 * 0.5 / 101)
     assert out["ap50"] == out["ap75"] == pytest.approx(out["ap"])
     assert out["ar_100"] == pytest.approx(0.5)
 
 
-def test_raised_max_dets_count_every_person_of_a_crowd():
+@BACKENDS
+def test_raised_max_dets_count_every_person_of_a_crowd(backend):
     gt_map = blocks_map(60, 100, 10, 15)  # 150 people
     scores = np.random.default_rng(0).uniform(0.05, 1, size=150)
     gt, dets = dets_and_gt([gt_map], [gt_map], [scores])
-    out = coco_mask_ap(gt, dets)
+    out = coco_mask_ap(gt, dets, backend=backend)
     assert out["ap"] == 1.0 and out["ar_1000"] == 1.0
     assert out["ar_100"] == pytest.approx(100 / 150)  # COCO's default 100 detections would miss a third
-    assert coco_mask_ap(gt, dets, max_dets=(10, 50, 100))["ap"] < 0.7
+    assert coco_mask_ap(gt, dets, max_dets=(10, 50, 100), backend=backend)["ap"] < 0.7
 
 
-def test_no_detections_and_no_ground_truth():
+@pytest.mark.parametrize("seed", range(6))
+def test_backends_agree_on_random_crowds(seed):
+    rng = np.random.default_rng(seed)
+    gt_maps = [random_map(rng, size=40, n=25) for _ in range(3)]
+    pred_maps = [np.roll(m, int(rng.integers(-2, 3)), axis=int(rng.integers(0, 2))) for m in gt_maps]
+    pred_maps[0][rng.random((40, 40)) < 0.1] = 0  # ragged masks
+    gt, dets = dets_and_gt(gt_maps, pred_maps, [rng.uniform(size=30) for _ in range(3)])
+    faster, reference = coco_mask_ap(gt, dets, backend="faster"), coco_mask_ap(gt, dets, backend="pycocotools")
+    assert faster.keys() == reference.keys()
+    assert faster == pytest.approx(reference, abs=1e-12)
+    assert 0 < reference["ap"] < 1
+
+
+@BACKENDS
+def test_no_detections_and_no_ground_truth(backend):
     gt_map = blocks_map(10, 10, 1, 2)
     gt, _ = dets_and_gt([gt_map], [gt_map])
-    assert coco_mask_ap(gt, [])["ap"] == 0.0
+    assert coco_mask_ap(gt, [], backend=backend)["ap"] == 0.0
     gt_empty, dets = dets_and_gt([np.zeros((10, 10), int)], [gt_map])
-    assert coco_mask_ap(gt_empty, dets)["ap"] == -1.0  # pycocotools: no GT, undefined
+    assert coco_mask_ap(gt_empty, dets, backend=backend)["ap"] == -1.0  # COCO convention: no GT, undefined
+    with pytest.raises(ValueError, match="unknown COCO evaluation backend"):
+        coco_mask_ap(gt, [], backend="detectron")
 
 
 def test_mask_ap_metric_accepts_id_maps_and_mask_stacks():
@@ -225,9 +247,10 @@ def test_cis_ground_truth_as_detections_gives_ap_one(tmp_path):
                      "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
     path = tmp_path / "dets.json"
     path.write_text(json.dumps(dets))
-    out = evaluate_coco_json(CIS, path)
-    # CIS has an annotation with id 0, which pycocotools would count as unmatched: ids are shifted
-    assert out["ap"] == 1.0 and out["apl"] == 1.0
+    # CIS has an annotation with id 0, which both backends would count as unmatched: ids are shifted
+    for backend in ("faster", "pycocotools"):
+        out = evaluate_coco_json(CIS, path, backend=backend)
+        assert out["ap"] == 1.0 and out["apl"] == 1.0, backend
 
 
 def test_bad_coco_inputs_raise_data_errors(tmp_path):

@@ -26,7 +26,7 @@ from crowdseg.metrics.instance_iou import matched_iou_sum
 from crowdseg.metrics.localization import (DEFAULT_FIXED_RADII, NUM_LEVELS, THRESHOLD_NAMES, LocalizationCounts,
                                            flatten_summary, localization_counts, localization_summary,
                                            resolve_radii_and_levels)
-from crowdseg.metrics.mask_ap import DEFAULT_MAX_DETS, build_coco_gt, coco_mask_ap, id_map_to_rles, masks_to_rles
+from crowdseg.metrics.mask_ap import BACKENDS, DEFAULT_MAX_DETS, build_coco_gt, coco_mask_ap, id_map_to_rles, masks_to_rles
 from crowdseg.metrics.matching import matching_function
 
 
@@ -188,6 +188,7 @@ class MaskAP(Metric):
     {"instance_map": (H, W)} or {"masks": (G, H, W)}. Missing scores count as 1.0.
     `compute()` -> {"mask_ap", "mask_ap50", "mask_ap75", "mask_aps", "mask_apm", "mask_apl",
     "mask_ar_<maxDets>"..., "mask_ars", "mask_arm", "mask_arl"}; -1 where there is no GT.
+    `backend`: "faster" (faster-coco-eval, default) or "pycocotools"; same numbers.
     The per-image records are gathered from every rank (any sizes) before evaluation.
     """
 
@@ -195,10 +196,13 @@ class MaskAP(Metric):
     is_differentiable = False
     higher_is_better = True
 
-    def __init__(self, max_dets: Sequence[int] = DEFAULT_MAX_DETS, **kwargs: Any) -> None:
+    def __init__(self, max_dets: Sequence[int] = DEFAULT_MAX_DETS, backend: str = "faster", **kwargs: Any) -> None:
         kwargs.setdefault("dist_sync_fn", _gather_any)
         super().__init__(**kwargs)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown COCO evaluation backend {backend!r}; expected one of {BACKENDS}")
         self.max_dets = tuple(int(m) for m in max_dets)
+        self.backend = backend
         self.add_state("records", default=[], dist_reduce_fx="cat")         # utf-8 JSON bytes, all images
         self.add_state("record_sizes", default=[], dist_reduce_fx="cat")    # bytes per image
 
@@ -242,5 +246,5 @@ class MaskAP(Metric):
             detections.extend({"image_id": image_id, "category_id": 1, "score": s,
                                "segmentation": {"size": [h, w], "counts": c}}
                               for c, s in zip(rec["dt"], rec["scores"]))
-        results = coco_mask_ap(build_coco_gt(images, gt_rles), detections, self.max_dets)
+        results = coco_mask_ap(build_coco_gt(images, gt_rles), detections, self.max_dets, self.backend)
         return _scalars({f"mask_{k}": v for k, v in results.items()})
