@@ -220,6 +220,18 @@ def test_mask_ap_metric_accepts_id_maps_and_mask_stacks():
     assert 0 < float(out_a["mask_ap"]) < 1 and float(out_a["mask_ap50"]) == 1.0
 
 
+def test_mask_ap_metric_without_images_reports_undefined():
+    empty = MaskAP()
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        out = empty.compute()
+    filled = MaskAP()
+    filled.update([{"instance_map": blocks_map(8, 8, 1, 2)}], [{"instance_map": blocks_map(8, 8, 1, 2)}])
+    assert out.keys() == filled.compute().keys()
+    assert all(float(v) == -1.0 for v in out.values())
+    with pytest.raises(ValueError, match="unknown COCO evaluation backend"):
+        MaskAP(backend="fast")
+
+
 def test_cis_json_is_evaluated_with_its_box_areas():
     coco = load_coco_gt(CIS)
     anns = coco.dataset["annotations"]

@@ -10,12 +10,11 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import maximum_bipartite_matching
 from scipy.spatial import distance_matrix
 
-from crowdseg.errors import DataError
 from crowdseg.metrics import eval_loc
 from crowdseg.metrics.localization import (LocalizationCounts, levels_from_boxes, localization_counts,
                                            localization_summary, radii_from_boxes)
 from crowdseg.metrics.matching import match_points
-from crowdseg.metrics.nwpu import read_gt_file, read_pred_file, write_pred_file
+from crowdseg.metrics.nwpu import read_gt_file, read_pred_file
 
 NWPU = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "nwpu_crowd_val_localization"
 GT_FILE = NWPU / "val_gt_loc.txt"

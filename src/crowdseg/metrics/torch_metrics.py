@@ -26,7 +26,8 @@ from crowdseg.metrics.instance_iou import matched_iou_sum
 from crowdseg.metrics.localization import (DEFAULT_FIXED_RADII, NUM_LEVELS, THRESHOLD_NAMES, LocalizationCounts,
                                            flatten_summary, localization_counts, localization_summary,
                                            resolve_radii_and_levels)
-from crowdseg.metrics.mask_ap import BACKENDS, DEFAULT_MAX_DETS, build_coco_gt, coco_mask_ap, id_map_to_rles, masks_to_rles
+from crowdseg.metrics.mask_ap import (AP_KEYS, BACKENDS, DEFAULT_MAX_DETS, build_coco_gt, coco_mask_ap, id_map_to_rles,
+                                      masks_to_rles)
 from crowdseg.metrics.matching import matching_function
 
 
@@ -235,8 +236,7 @@ class MaskAP(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         records = self._decoded_records()
         if not records:
-            keys = ["ap", "ap50", "ap75", "aps", "apm", "apl", *(f"ar_{m}" for m in sorted(self.max_dets)),
-                    "ars", "arm", "arl"]
+            keys = [*AP_KEYS, *(f"ar_{m}" for m in sorted(self.max_dets)), "ars", "arm", "arl"]
             return _scalars({f"mask_{k}": -1.0 for k in keys})
         images, gt_rles, detections = [], [], []
         for image_id, rec in enumerate(records, start=1):
