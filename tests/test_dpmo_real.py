@@ -169,3 +169,13 @@ def test_nearest_rule_gives_the_voronoi_split_of_the_circles(shared_data, tile):
     assert ((id_map > 0) == inside.any(0))[free].all()
     owner_d2 = np.take_along_axis(d2, (id_map.astype(int) - 1).clip(0)[None], 0)[0]
     assert np.allclose(owner_d2[free & (id_map > 0)], nearest[free & (id_map > 0)])
+
+
+def test_no_points_and_duplicate_points(tiny_predictor):
+    empty, report = generate_instance_map(tiny_predictor, torch.rand(3, 50, 70), np.zeros((0, 2)), DpmoConfig())
+    assert empty.shape == (50, 70) and empty.max() == 0 and report["tiles_encoded"] == 0
+    points = torch.tensor([[-0.4, 49.3], [69.4, 0.0], [69.4, 0.0]])        # on the border; 2 and 3 coincide
+    id_map, report = generate_instance_map(tiny_predictor, torch.rand(3, 50, 70), points, DpmoConfig())
+    assert id_map[49, 0] == 1 and id_map[0, 69] == 2                     # the lower index keeps a shared pixel
+    assert report["shared_pixel_points"] == 1
+    assert report["missing_instances"] == int((id_map == 3).sum() == 0)

@@ -19,9 +19,8 @@ Images are fed whole with their points (batch size 1, no crop). If the dataset r
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import cv2
 import lightning as L
@@ -200,23 +199,3 @@ def run_masks(cfg: DictConfig) -> dict[str, Any]:
     return {"out_dir": str(out_dir), "images": len(dataset), "written": written, "skipped": skipped,
             "masks_on_disk": sum(1 for p in out_dir.glob("*.json") if (p.with_suffix(".png")).is_file())}
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m crowdseg.dpmo.writer <experiment.yaml> [key=value ...]` (same as `crowdseg masks`)."""
-    from crowdseg.config import load_config
-    from crowdseg.errors import CrowdsegError
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        print("usage: python -m crowdseg.dpmo.writer <experiment.yaml> [key=value ...]", file=sys.stderr)
-        return 2
-    try:
-        result = run_masks(load_config(argv[0], argv[1:]))
-    except CrowdsegError as err:
-        print(f"crowdseg: error: {err}", file=sys.stderr)
-        return 2
-    print(result)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
