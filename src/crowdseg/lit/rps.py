@@ -1,0 +1,553 @@
+"""LightningModule of Reinforced Point Selection (RPS) trained with GRPO (METHODS.md A1, D1, D2).
+
+Orchestration only; the math lives in `crowdseg.rl` (candidates, policy, grpo, reward) and the SAM
+environment in `crowdseg.rl.sam_env`.
+
+**Training** (manual optimisation), one *rollout* per batch:
+1. The proposer (a `PointPredictor`, frozen by default) gives the points of each image:
+   - ``train_points="matched"`` (default): for every GT person, the proposal the P2P Hungarian
+     matcher assigns to it (`hungarian_match`, whatever its score). Every person yields one group,
+     and each point is what the proposer predicts for that person, so groups are never wasted on
+     background predictions even with a weak proposer.
+   - ``"predicted"``: the proposals scoring above `score_threshold`, exactly the inference points.
+2. Per image: NNEC radii of those points, K candidates per point (`sample_candidates`), the GT
+   instance of each point (`match_points_to_instances`), and the reward of every candidate
+   (`SamEnvironment.rewards`: SAM prompted at the candidate, clipped to its NNEC disc, IoU with the
+   matched GT mask; unmatched points get `unmatched_reward` and are dropped as zero-variance groups).
+3. Warm-up rollouts (the first `warmup_steps`): one update of `iou_regression_loss` on all K
+   candidates. When the GRPO phase starts after a warm-up, the reference becomes a copy of the
+   warmed-up scorer (the "SFT" policy of METHODS.md D2).
+4. GRPO rollouts (when `grpo`): G actions per group from pi_old (the scorer at rollout time),
+   group-normalised advantages, then `ppo_epochs` updates of the clipped objective with the k3 KL
+   to the frozen reference. Each update: `manual_backward`, `clip_gradients` (norm), optimizer step.
+The scorer reads the proposer's stride-8 features, detached. With `proposer_criterion` the proposer
+is trained too (P2P loss, its own optimizer, stepped once per rollout); every backward touches all
+trainable parameters (zero-weight terms where unused), so DDP's reducer always sees the same set.
+
+Counters (saved in the checkpoint, `on_save_checkpoint`): ``rollouts`` (training batches),
+``policy_updates`` (GRPO optimizer steps), ``warmup_updates``. Lightning's ``global_step`` counts
+optimizer steps of every optimizer, so it is not the number of policy updates. Candidates and
+actions come from a CPU generator seeded by (seed, rollouts, rank): a resumed run draws exactly
+what the uninterrupted run would have drawn. Schedulers step by hand at the end of each epoch.
+
+Logged: ``train/reward_mean`` and ``train/reward_std`` (mean and mean within-group std of the
+sampled actions' rewards, matched groups), ``train/reward_selected`` (reward of the greedy choice
+of pi_old) and ``train/reward_original`` (of the point itself), ``train/clip_fraction``,
+``train/kl``, ``train/loss``, ``train/valid_groups`` and the counters.
+
+**Inference**: proposer points (score > threshold) -> K candidates (seeded per image name) -> the
+scorer's argmax per group (the point itself when the scorer was never trained: `grpo` false and no
+warm-up) -> SAM masks with NNEC and overlap resolution -> instance id map. Both the selected and the
+original points are scored: ``<stage>/mae``, ``rmse``, ``mse``, ``nae`` (counts are the same for
+both), ``<stage>/sigma_{s,l}_{precision,recall,f1}`` (radii 4 / 8 px), ``<stage>/iou_c`` (Mean IoU_C),
+``<stage>/mask_ap*`` (COCO mask AP), ``<stage>/point_iou`` (mean IoU of each GT-matched point's
+own mask, before overlap resolution: the quantity the reward measures), each also with the suffix
+``_original``; written to ``<run_dir>/metrics/<stage>.json`` on rank 0.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from crowdseg.errors import ConfigError, DataError
+from crowdseg.lit.common import inside_image
+from crowdseg.losses.p2p import P2PLoss, hungarian_match
+from crowdseg.metrics import write_metrics_json
+from crowdseg.metrics.torch_metrics import CountingMetrics, InstanceIoU, LocalizationMetrics, MaskAP
+from crowdseg.models.p2p import PointPredictor, select_points
+from crowdseg.rl.candidates import sample_candidates
+from crowdseg.rl.grpo import group_advantages, grpo_loss, iou_regression_loss
+from crowdseg.rl.policy import CandidateScorer, frozen_copy, greedy, log_prob, sample
+from crowdseg.rl.reward import match_points_to_instances
+from crowdseg.rl.sam_env import SamEnvironment
+from crowdseg.vis import point_overlay, save_png
+
+TRAIN_POINTS = ("matched", "predicted")
+LOCALIZATION_RADII = (4.0, 8.0)
+STAGES = ("val", "test")
+
+
+@dataclass(frozen=True)
+class RpsSettings:
+    """The RPS hyperparameters (config section `rps`, METHODS.md D2)."""
+    num_candidates: int = 8
+    sigma: float = 0.5
+    group_size: int = 8
+    clip_eps: float = 0.2
+    beta: float = 0.04
+    ppo_epochs: int = 1
+    warmup_steps: int = 0
+    warmup_loss: str = "bce"
+    grpo: bool = True
+    train_points: str = "matched"
+    score_threshold: float = 0.5
+    unmatched_reward: float = 0.0
+    distance_weight: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.train_points not in TRAIN_POINTS:
+            raise ValueError(f"train_points must be one of {TRAIN_POINTS}, got {self.train_points!r}")
+        if self.warmup_loss not in ("bce", "mse"):
+            raise ValueError(f"warmup_loss must be 'bce' or 'mse', got {self.warmup_loss!r}")
+        for name in ("num_candidates", "group_size", "ppo_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.sigma < 0 or self.clip_eps <= 0 or self.beta < 0:
+            raise ValueError("warmup_steps, sigma and beta must be >= 0 and clip_eps > 0")
+
+    @property
+    def uses_scorer(self) -> bool:
+        """Whether inference selects with the scorer (it is trained by GRPO or by the warm-up)."""
+        return self.grpo or self.warmup_steps > 0
+
+
+@dataclass
+class Rollout:
+    """The groups of one training batch, concatenated over its images (N groups of K candidates)."""
+    points: Tensor          # (N, 2)
+    radii: Tensor           # (N,)
+    candidates: Tensor      # (N, K, 2)
+    batch_index: Tensor     # (N,) long: image of each group
+    matched: Tensor         # (N,) long: GT index or -1
+    rewards: Tensor         # (N, K) float in [0, 1]
+
+
+def _touch(parameters: Sequence[nn.Parameter]) -> Tensor:
+    """A zero that depends on every parameter: keeps DDP's reducer fed when a part sits out an update."""
+    return sum((p.sum() * 0.0 for p in parameters), torch.zeros(()))
+
+
+class RPSModule(L.LightningModule):
+    """RPS: a point proposer, a candidate scorer trained with GRPO, a frozen reference, a SAM environment."""
+
+    monitor = ("val/iou_c", "max")
+
+    def __init__(self, proposer: PointPredictor, scorer: CandidateScorer, environment: SamEnvironment,
+                 settings: RpsSettings, optim: dict[str, Any], proposer_criterion: Optional[P2PLoss] = None,
+                 run_dir: Optional[Path] = None, num_pictures: int = 4):
+        super().__init__()
+        self.automatic_optimization = False
+        self.proposer, self.scorer = proposer, scorer
+        self.reference = frozen_copy(scorer)
+        self.environment = environment          # a plain object: SAM stays out of the state dict
+        environment.predictor.model.requires_grad_(False)
+        self.settings, self.optim = settings, dict(optim)
+        self.proposer_criterion = proposer_criterion
+        self.train_proposer = proposer_criterion is not None
+        if not self.train_proposer:
+            proposer.requires_grad_(False).eval()   # Lightning keeps each submodule's mode as it finds it
+        self.run_dir, self.num_pictures = run_dir, num_pictures
+        self.counters = {"rollouts": 0, "policy_updates": 0, "warmup_updates": 0}
+        self.metrics = nn.ModuleDict({stage: self._stage_metrics() for stage in STAGES})
+
+    @staticmethod
+    def _stage_metrics() -> nn.ModuleDict:
+        metrics = {"counting": CountingMetrics()}
+        for suffix in ("", "_original"):
+            metrics["localization" + suffix] = LocalizationMetrics(fixed_radii=LOCALIZATION_RADII)
+            metrics["iou" + suffix] = InstanceIoU()
+            metrics["mask_ap" + suffix] = MaskAP()
+            metrics["point_iou" + suffix] = MeanMetric()
+        return nn.ModuleDict(metrics)
+
+    # ------------------------------------------------------------------------------ housekeeping
+    def train(self, mode: bool = True) -> "RPSModule":
+        super().train(mode)
+        if not self.train_proposer:
+            self.proposer.eval()        # frozen: batch-norm statistics stay those of the checkpoint
+        self.reference.eval()
+        return self
+
+    def _sam_to_device(self) -> None:
+        self.environment.predictor.model.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._sam_to_device()
+
+    def on_validation_start(self) -> None:
+        self._sam_to_device()
+
+    def on_test_start(self) -> None:
+        self._sam_to_device()
+
+    def on_predict_start(self) -> None:
+        self._sam_to_device()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rps_counters"] = dict(self.counters)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the reference and the scorer come back with the state dict; the counters from here
+        self.counters.update(checkpoint.get("rps_counters", {}))
+
+    def _generator(self, *key: int) -> torch.Generator:
+        seed = zlib.crc32(np.asarray((self.settings.seed,) + key, dtype=np.int64).tobytes())
+        return torch.Generator().manual_seed(seed)
+
+    # ---------------------------------------------------------------------------------- rollout
+    def training_points(self, outputs: dict[str, Tensor], gt_points: list[Tensor],
+                        image_size: Tensor) -> list[Tensor]:
+        """The points of each image that form the groups (see the module docstring)."""
+        result = []
+        prob = outputs["logits"].detach().softmax(-1)[..., 1]
+        for b, (h, w) in enumerate(image_size.tolist()):
+            proposals = outputs["points"][b].detach()
+            if self.settings.train_points == "matched":
+                pred_idx, _ = hungarian_match(proposals, prob[b], gt_points[b].to(proposals.device))
+                points = proposals[pred_idx]
+            else:
+                keep = (prob[b] > self.settings.score_threshold) & inside_image(proposals, h, w)
+                points = proposals[keep]
+            limits = points.new_tensor([w - 1, h - 1])
+            result.append(torch.minimum(points.clamp_min(0.0), limits).float())
+        return result
+
+    def rollout(self, batch: dict[str, Any], outputs: dict[str, Tensor], generator: torch.Generator) -> Rollout:
+        """Candidates and SAM rewards of every training point of the batch."""
+        maps = batch.get("instance_map")
+        if maps is None:
+            raise DataError("RPS rewards need an instance mask for every training image (the synthetic crowd's "
+                            "own, or DPMO masks from `crowdseg masks`); this batch has an image without one")
+        s, env = self.settings, self.environment
+        points_per_image = self.training_points(outputs, batch["points"], batch["image_size"])
+        parts: list[tuple[Tensor, ...]] = []
+        for b, ((h, w), points) in enumerate(zip(batch["image_size"].tolist(), points_per_image)):
+            gt_points, instance_map = batch["points"][b].to(self.device), maps[b].to(self.device)
+            scene = env.prepare(batch["image"][b, :, :h, :w], points)
+            radii = torch.from_numpy(scene.radii).float().to(self.device)
+            candidates = sample_candidates(points, radii, s.num_candidates, s.sigma, (h, w), generator)
+            matched = match_points_to_instances(points, gt_points, radii, instance_map)
+            rewards = env.rewards(scene, candidates, matched, instance_map, s.unmatched_reward,
+                                  s.distance_weight, gt_points).to(self.device)
+            index = torch.full((len(points),), b, dtype=torch.long, device=self.device)
+            parts.append((points, radii, candidates, index, matched, rewards))
+        return Rollout(*(torch.cat(column) for column in zip(*parts)))
+
+    # ---------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        s = self.settings
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        scorer_opt = optimizers[0]
+        proposer_opt = optimizers[1] if self.train_proposer else None
+        rank = self.global_rank
+        generator = self._generator(self.counters["rollouts"], rank)
+
+        with torch.set_grad_enabled(self.train_proposer):
+            outputs = self.proposer(batch["image"])
+        proposer_loss = None
+        if self.train_proposer:
+            proposer_loss = self.proposer_criterion(outputs, [p.to(self.device) for p in batch["points"]])["loss"]
+        features = outputs["features"].detach()
+        with torch.no_grad():
+            ro = self.rollout(batch, outputs, generator)
+        warm = self.counters["rollouts"] < s.warmup_steps
+        if not warm and s.warmup_steps > 0 and self.counters["rollouts"] == s.warmup_steps:
+            self.reference.load_state_dict(self.scorer.state_dict())   # GRPO starts from the warmed-up scorer
+        matched = ro.matched >= 0
+        n = len(ro.points)
+
+        def scores() -> Tensor:
+            return self.scorer(features, ro.candidates, ro.points, ro.radii, ro.batch_index)
+
+        logs: dict[str, Tensor] = {}
+        with torch.no_grad():
+            old_logits = scores() if n else ro.rewards.new_zeros((0, s.num_candidates))
+        pick = greedy(old_logits) if n else torch.zeros(0, dtype=torch.long, device=self.device)
+        logs["reward_selected"] = _masked_mean(ro.rewards.gather(1, pick[:, None])[:, 0], matched)
+        logs["reward_original"] = _masked_mean(ro.rewards[:, 0], matched)
+
+        if warm or not s.grpo:
+            updates = 1 if (warm or self.train_proposer) else 0
+        else:
+            updates = s.ppo_epochs
+            actions = sample(old_logits, s.group_size, generator)
+            sampled_rewards = ro.rewards.gather(1, actions)
+            advantages, valid = group_advantages(sampled_rewards)
+            valid = valid & matched
+            with torch.no_grad():
+                old_logp = log_prob(old_logits, actions)
+                ref_logp = log_prob(self.reference(features, ro.candidates, ro.points, ro.radii, ro.batch_index),
+                                    actions) if n else old_logp
+            logs["reward_mean"] = _masked_mean(sampled_rewards.mean(1), matched)
+            logs["reward_std"] = _masked_mean(sampled_rewards.std(1, correction=0), matched)
+            logs["valid_groups"] = valid.float().sum()
+
+        diagnostics: list[dict[str, Tensor]] = []
+        for epoch in range(updates):
+            policy_step = not warm and s.grpo
+            if n == 0 or not (warm or policy_step):
+                loss = _touch(list(self.scorer.parameters())).to(self.device)
+            elif warm:
+                loss = iou_regression_loss(scores(), ro.rewards, s.warmup_loss, valid=matched)
+            else:
+                loss, diag = grpo_loss(log_prob(scores(), actions), old_logp, advantages, valid, ref_logp,
+                                       s.clip_eps, s.beta)
+                diagnostics.append(diag)
+            total = loss
+            if self.train_proposer:
+                total = total + (proposer_loss if epoch == 0 else _touch(list(self.proposer.parameters())).to(self.device))
+            scorer_opt.zero_grad()
+            if proposer_opt is not None:
+                proposer_opt.zero_grad()
+            self.manual_backward(total)
+            clip = self.optim.get("grad_clip")
+            if clip:
+                self.clip_gradients(scorer_opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            if warm or policy_step:
+                scorer_opt.step()
+                self.counters["warmup_updates" if warm else "policy_updates"] += 1
+            if proposer_opt is not None and epoch == 0:
+                if clip:
+                    self.clip_gradients(proposer_opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+                proposer_opt.step()
+            logs["loss"] = loss.detach()
+        self.counters["rollouts"] += 1
+
+        if diagnostics:
+            logs["clip_fraction"] = torch.stack([d["clip_fraction"] for d in diagnostics]).mean()
+            logs["kl"] = torch.stack([d["kl"] for d in diagnostics]).mean()
+            logs["ratio"] = torch.stack([d["ratio"] for d in diagnostics]).mean()
+        if proposer_loss is not None:
+            logs["proposer_loss"] = proposer_loss.detach()
+        logs.update({k: torch.tensor(float(v)) for k, v in self.counters.items()})
+        logs["warmup"] = torch.tensor(float(warm))
+        size = len(batch["points"])
+        self.log_dict({f"train/{k}": v.float().to(self.device) for k, v in logs.items()}, batch_size=size)
+
+    def on_train_epoch_end(self) -> None:
+        schedulers = self.lr_schedulers()
+        for scheduler in (schedulers if isinstance(schedulers, list) else [schedulers]):
+            if scheduler is not None and scheduler.optimizer.state:   # skip an optimizer that never stepped
+                scheduler.step()
+
+    def configure_optimizers(self):
+        o = self.optim
+        scorer_opt = torch.optim.Adam(self.scorer.parameters(), lr=o["scorer_lr"], weight_decay=o["weight_decay"])
+        optimizers = [scorer_opt]
+        if self.train_proposer:
+            backbone = list(self.proposer.backbone.parameters())
+            ids = {id(p) for p in backbone}
+            rest = [p for p in self.proposer.parameters() if id(p) not in ids]
+            optimizers.append(torch.optim.Adam([{"params": rest, "lr": o["lr"]},
+                                                {"params": backbone, "lr": o["backbone_lr"]}],
+                                               weight_decay=o["weight_decay"]))
+        schedulers = [torch.optim.lr_scheduler.StepLR(opt, o["step_size"], o["gamma"]) for opt in optimizers]
+        return optimizers, schedulers
+
+    # -------------------------------------------------------------------------------- inference
+    def proposals(self, batch: dict[str, Any]) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """Per image the proposer's points (score > threshold, inside the image) and scores; the features."""
+        outputs = self.proposer(batch["image"])
+        selected = select_points(outputs["points"], outputs["logits"], self.settings.score_threshold)
+        result = []
+        for (points, scores), (h, w) in zip(selected, batch["image_size"].tolist()):
+            keep = inside_image(points, h, w)
+            result.append((points[keep].float(), scores[keep]))
+        return result, outputs["features"]
+
+    def select(self, features: Tensor, points: Tensor, radii: Tensor, image_hw: tuple[int, int],
+               generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The chosen prompt of each point: (N, 2) selected xy and (N, K, 2) candidates of one image.
+
+        features: (1, C, h, w) of the image; points: (N, 2); radii: (N,).
+        """
+        s = self.settings
+        candidates = sample_candidates(points, radii, s.num_candidates, s.sigma, image_hw, generator)
+        if not s.uses_scorer or len(points) == 0:
+            return candidates[:, 0], candidates
+        choice = greedy(self.scorer(features, candidates, points, radii))
+        return candidates[torch.arange(len(points), device=candidates.device), choice], candidates
+
+    @torch.no_grad()
+    def predict_batch(self, batch: dict[str, Any], original: bool = True) -> list[dict[str, Any]]:
+        """Per image: points, scores, selected points, and the instance maps of selected (and original) points."""
+        predictions, features = self.proposals(batch)
+        out = []
+        for b, ((points, scores), (h, w)) in enumerate(zip(predictions, batch["image_size"].tolist())):
+            name = str(batch["meta"][b].get("name", b)) if batch.get("meta") else str(b)
+            scene = self.environment.prepare(batch["image"][b, :, :h, :w], points)
+            radii = torch.from_numpy(scene.radii).float().to(points.device)
+            selected, _ = self.select(features[b:b + 1], points, radii, (h, w),
+                                      self._generator(zlib.crc32(name.encode())))
+            item = {"name": name, "points": points, "scores": scores, "selected": selected, "scene": scene,
+                    "instance_map": self.environment.instance_map(scene, selected)[0]}
+            if original:
+                item["instance_map_original"] = self.environment.instance_map(scene)[0]
+            out.append(item)
+        return out
+
+    def _eval_step(self, stage: str, batch: dict[str, Any], batch_idx: int) -> None:
+        items = self.predict_batch(batch)
+        m = self.metrics[stage]
+        gt_points = [p.to(self.device) for p in batch["points"]]
+        pred_counts = torch.tensor([len(i["points"]) for i in items], dtype=torch.float, device=self.device)
+        gt_counts = torch.tensor([len(p) for p in gt_points], dtype=torch.float, device=self.device)
+        m["counting"].update(pred_counts, gt_counts)
+        maps = batch.get("instance_map")
+        for suffix, key, map_key in (("", "selected", "instance_map"), ("_original", "points", "instance_map_original")):
+            m["localization" + suffix].update([i[key] for i in items], gt_points)
+            if maps is None:
+                continue
+            gts = [g.cpu().numpy() for g in maps]
+            m["iou" + suffix].update([i[map_key] for i in items], gts)
+            m["mask_ap" + suffix].update([{"instance_map": i[map_key], "scores": i["scores"].cpu()} for i in items],
+                                         [{"instance_map": g} for g in gts])
+        if maps is not None:
+            for item, gt, gt_map in zip(items, gt_points, maps):
+                self._update_point_iou(m, item, gt, gt_map.to(self.device))
+        self._save_pictures(stage, batch, batch_idx, items)
+
+    def _update_point_iou(self, m: nn.ModuleDict, item: dict[str, Any], gt_points: Tensor, gt_map: Tensor) -> None:
+        """Mean IoU of each GT-matched point's own NNEC-clipped mask, selected vs. original prompt."""
+        points, scene = item["points"], item["scene"]
+        if len(points) == 0:
+            return
+        radii = torch.from_numpy(scene.radii).float().to(points.device)
+        matched = match_points_to_instances(points, gt_points, radii, gt_map)
+        both = torch.stack([item["selected"], points], 1)                      # (N, 2, 2)
+        rewards = self.environment.rewards(scene, both, matched, gt_map).to(self.device)
+        keep = matched >= 0
+        if keep.any():
+            m["point_iou"].update(rewards[keep, 0])
+            m["point_iou_original"].update(rewards[keep, 1])
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step("val", batch, batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step("test", batch, batch_idx)
+
+    def on_validation_epoch_end(self):
+        self._end_stage("val")
+
+    def on_test_epoch_end(self):
+        self._end_stage("test")
+
+    def _end_stage(self, stage: str) -> dict[str, float]:
+        values: dict[str, float] = {}
+        m = self.metrics[stage]
+        values.update(_compute(m["counting"]))
+        for suffix in ("", "_original"):
+            values.update({k + suffix: v for k, v in _compute(m["localization" + suffix]).items()
+                           if "level" not in k})
+            iou = _compute(m["iou" + suffix])
+            if iou["gt_instances"] > 0:
+                values.update({"iou_c" + suffix: iou["mean_iou_c"], "gt_instances": iou["gt_instances"],
+                               "pred_instances": iou["pred_instances"]})
+                values.update({k + suffix: v for k, v in _compute(m["mask_ap" + suffix]).items()})
+            if m["point_iou" + suffix].update_count:
+                values["point_iou" + suffix] = float(m["point_iou" + suffix].compute())
+        for metric in m.values():
+            metric.reset()
+        logged = {f"{stage}/{k}": v for k, v in values.items()}
+        self.log_dict(logged, sync_dist=False)         # the metrics synchronise themselves
+        trainer = self.trainer
+        if self.run_dir is not None and trainer.is_global_zero and not trainer.sanity_checking:
+            write_metrics_json(self.run_dir, stage, logged)
+        return logged
+
+    def predict_step(self, batch, batch_idx):
+        return [{"name": i["name"], "points": i["selected"].cpu(), "original_points": i["points"].cpu(),
+                 "scores": i["scores"].cpu(), "instance_map": i["instance_map"]}
+                for i in self.predict_batch(batch, original=False)]
+
+    def _save_pictures(self, stage: str, batch, batch_idx: int, items) -> None:
+        if self.run_dir is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        first = batch_idx * len(items)
+        for b, item in enumerate(items):
+            if first + b >= self.num_pictures:
+                return
+            h, w = batch["image_size"][b].tolist()
+            picture = point_overlay(batch["image"][b, :, :h, :w], batch["points"][b], item["selected"],
+                                    torch.from_numpy(item["instance_map"].astype(np.int64)))
+            save_png(Path(self.run_dir) / "pictures" / f"{stage}_{first + b:02d}.png", picture)
+
+
+def _masked_mean(values: Tensor, keep: Tensor) -> Tensor:
+    return values[keep].float().mean() if bool(keep.any()) else values.new_zeros((), dtype=torch.float32)
+
+
+def _compute(metric) -> dict[str, float]:
+    result = metric.compute()
+    return {k: float(v) for k, v in result.items()}
+
+
+# ------------------------------------------------------------------------------------ wiring
+def load_proposer_weights(model: PointPredictor, path: str | Path) -> None:
+    """Load the `model.*` weights of a p2p Lightning checkpoint (`crowdseg fit experiments/p2p/...`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"key 'rps.proposer_ckpt': checkpoint not found: {path} (train the proposer first: "
+                          f"`crowdseg fit experiments/p2p/<dataset>.yaml`)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    except Exception as err:
+        raise ConfigError(f"key 'rps.proposer_ckpt': {path} is not a Lightning checkpoint ({type(err).__name__})") from None
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if not weights:  # an RPS checkpoint holds the proposer under `proposer.`
+        weights = {k[len("proposer."):]: v for k, v in state.items() if k.startswith("proposer.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"key 'rps.proposer_ckpt': {path} does not fit the `model:` config ({first})") from None
+
+
+def rps_module_from_config(cfg: Any, path: Path, datamodule: Any = None) -> RPSModule:
+    """The `RPSModule` of an experiment config (`method: rps`); `datamodule` is checked for masks."""
+    from crowdseg.dpmo.writer import build_predictor_model
+    from crowdseg.mask_supervision import mask_coverage
+    from crowdseg.models.backbone import create_backbone
+    from crowdseg.rl.sam_env import ENV_SELECTIONS, EnvOptions
+    from crowdseg.sam.predictor import BatchedSamPredictor
+
+    r, m, lo, d = cfg.rps, cfg.model, cfg.loss, cfg.dpmo
+    if r.train_points not in TRAIN_POINTS:
+        raise ConfigError(f"key 'rps.train_points': {r.train_points!r} is not one of {', '.join(TRAIN_POINTS)}")
+    if r.selection not in ENV_SELECTIONS:
+        raise ConfigError(f"key 'rps.selection': {r.selection!r} is not one of {', '.join(ENV_SELECTIONS)}")
+    if r.warmup_loss not in ("bce", "mse"):
+        raise ConfigError(f"key 'rps.warmup_loss': {r.warmup_loss!r} is not one of bce, mse")
+    for key in ("num_candidates", "group_size", "ppo_epochs", "scorer_channels", "scorer_layers"):
+        if r[key] < 1:
+            raise ConfigError(f"key 'rps.{key}': must be >= 1, got {r[key]}")
+    for key in ("sigma", "beta", "warmup_steps", "distance_weight"):
+        if r[key] < 0:
+            raise ConfigError(f"key 'rps.{key}': must be >= 0, got {r[key]}")
+    if not (r.clip_eps > 0 and r.lr > 0):
+        raise ConfigError("keys 'rps.clip_eps' and 'rps.lr' must be > 0")
+    train = getattr(datamodule, "datasets", {}).get("train") if datamodule is not None else None
+    if train is not None and mask_coverage(train) == "none":
+        raise ConfigError(f"method 'rps': the training images of data.name={cfg.data.name!r} carry no instance "
+                          f"masks, and the reward needs them; generate DPMO masks (`crowdseg masks`) and point "
+                          f"the data config at them")
+
+    proposer = PointPredictor(create_backbone(m.backbone, m.pretrained, reductions=(8, 16)), m.fpn_channels,
+                              m.head_channels, m.anchor_rows, m.anchor_cols, m.regression_scale)
+    if r.proposer_ckpt:
+        load_proposer_weights(proposer, r.proposer_ckpt)
+    scorer = CandidateScorer(m.fpn_channels, PointPredictor.stride, r.scorer_channels, r.scorer_layers)
+    options = EnvOptions(radius_factor=d.radius_factor, r_min=d.r_min, r_max=d.r_max, lone_radius=d.lone_radius,
+                         num_negatives=d.num_negatives, box_prompt=d.box_prompt, multimask=d.multimask,
+                         selection=r.selection, mask_threshold=d.mask_threshold, context_factor=d.context_factor,
+                         overlap=d.overlap, fallback_radius_factor=d.fallback_radius_factor, tile=d.tile,
+                         target_nn_px=d.target_nn_px, max_scale=d.max_scale, tile_overlap=d.tile_overlap)
+    environment = SamEnvironment(BatchedSamPredictor(build_predictor_model(cfg), cfg.sam.prompt_chunk), options)
+    settings = RpsSettings(r.num_candidates, r.sigma, r.group_size, r.clip_eps, r.beta, r.ppo_epochs,
+                           r.warmup_steps, r.warmup_loss, r.grpo, r.train_points, lo.score_threshold,
+                           r.unmatched_reward, r.distance_weight, cfg.seed)
+    optim = {k: cfg.optim[k] for k in ("lr", "backbone_lr", "weight_decay", "step_size", "gamma", "grad_clip")}
+    optim["scorer_lr"] = r.lr
+    criterion = P2PLoss(lo.cost_class, lo.cost_point, lo.eos_coef, lo.point_loss_coef) if r.train_proposer else None
+    return RPSModule(proposer, scorer, environment, settings, optim, criterion, path, cfg.logger.num_pictures)

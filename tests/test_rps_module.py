@@ -1,0 +1,175 @@
+"""RPSModule end to end: a GRPO step, resume of policy / reference / counters, DDP, fit + test."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from crowdseg.config import load_config
+from crowdseg.lit.rps import RPSModule
+from crowdseg.runs import prepare_run_dir
+from crowdseg.train import build_job, build_trainer, evaluate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = ROOT / "experiments" / "rps" / "synthetic.yaml"
+CONTROL = ROOT / "experiments" / "rps" / "synthetic_no_grpo.yaml"
+
+# On top of conftest's TINY: a tiny scorer and few candidates on small, sparse images.
+RPS_TINY = ["rps.num_candidates=4", "rps.group_size=4", "rps.scorer_channels=16", "sam.prompt_chunk=64",
+            "data.synthetic.height=64", "data.synthetic.width=64", "data.synthetic.max_people=8",
+            "trainer.check_val_every_n_epoch=1", "checkpoint_every_n_steps=1"]
+
+
+@pytest.fixture
+def rps_overrides(tiny_overrides):
+    return tiny_overrides + RPS_TINY
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fast_dev_run_makes_one_grpo_update_of_the_scorer_only(rps_overrides):
+    cfg = load_config(EXPERIMENT, rps_overrides + ["rps.train_proposer=false", "trainer.fast_dev_run=true"])
+    path = prepare_run_dir(cfg)
+    job = build_job(cfg, path)
+    module: RPSModule = job.module
+    scorer, reference, proposer = _state(module.scorer), _state(module.reference), _state(module.proposer)
+    build_trainer(cfg, path, job).fit(module, datamodule=job.datamodule)
+    assert module.counters == {"rollouts": 1, "policy_updates": 1, "warmup_updates": 0}
+    assert not _same(_state(module.scorer), scorer), "the GRPO step did not move the scorer"
+    assert _same(_state(module.reference), reference) and _same(_state(module.proposer), proposer)
+    logged = module.trainer.callback_metrics
+    for key in ("reward_mean", "reward_std", "clip_fraction", "kl", "reward_selected", "reward_original"):
+        assert 0.0 <= float(logged[f"train/{key}"]) <= 1.0, key
+    # one update per rollout: pi_old == pi_theta, so the ratio is exactly 1 and nothing is clipped
+    assert float(logged["train/ratio"]) == 1.0 and float(logged["train/clip_fraction"]) == 0.0
+    assert float(logged["train/policy_updates"]) == 1.0
+
+
+class _Probe(L.Callback):
+    """Records the module's policy, reference and counters when training starts (after any restore)."""
+
+    def on_train_start(self, trainer, module):
+        self.start = (_state(module.scorer), _state(module.reference), dict(module.counters))
+
+
+def _fit(cfg, probe: _Probe) -> RPSModule:
+    path = prepare_run_dir(cfg)
+    job = build_job(cfg, path)
+    trainer = build_trainer(cfg, path, job)
+    trainer.callbacks.append(probe)
+    ckpt = path / "checkpoints" / "last.ckpt"
+    trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None)
+    return job.module
+
+
+def test_resume_restores_policy_reference_and_counters(rps_overrides):
+    # 1 warm-up rollout, then GRPO with 2 updates per rollout; stop after 3 optimizer steps, then go on to 7
+    base = rps_overrides + ["rps.train_proposer=false", "rps.warmup_steps=1", "rps.ppo_epochs=2",
+                            "trainer.max_epochs=10", "trainer.limit_val_batches=0"]
+    first = _fit(load_config(EXPERIMENT, base + ["trainer.max_steps=3"]), _Probe())
+    assert first.counters == {"rollouts": 2, "policy_updates": 2, "warmup_updates": 1}
+    ckpt = torch.load(Path(first.run_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["rps_counters"] == first.counters and ckpt["global_step"] == 3
+    saved_scorer = {k[len("scorer."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("scorer.")}
+    saved_reference = {k[len("reference."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("reference.")}
+    assert _same(saved_scorer, _state(first.scorer)) and _same(saved_reference, _state(first.reference))
+    # the reference is the warmed-up scorer, not the (zero-output) initial one
+    assert saved_reference["output.weight"].abs().sum() > 0
+
+    probe = _Probe()
+    second = _fit(load_config(EXPERIMENT, base + ["trainer.max_steps=7"]), probe)
+    scorer, reference, counters = probe.start
+    assert counters == first.counters
+    assert _same(scorer, saved_scorer) and _same(reference, saved_reference)
+    assert second.counters == {"rollouts": 4, "policy_updates": 6, "warmup_updates": 1}
+    assert _same(_state(second.reference), saved_reference), "the reference moved during GRPO"
+    assert not _same(_state(second.scorer), saved_scorer)
+
+
+class _SaveRankState(L.Callback):
+    """Each rank writes its scorer weights and the names of the images it trained on."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir, self.names = out_dir, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.names += [m["name"] for m in batch["meta"]]
+
+    def on_train_end(self, trainer, module):
+        torch.save({"scorer": _state(module.scorer), "names": self.names, "counters": dict(module.counters)},
+                   os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_grpo_ends_with_identical_policies(rps_overrides, tmp_path):
+    cfg = load_config(EXPERIMENT, rps_overrides + [
+        "rps.train_proposer=true", "rps.ppo_epochs=2", "trainer.devices=2", "trainer.strategy=ddp_spawn",
+        "trainer.max_steps=4", "trainer.limit_val_batches=0", "data.synthetic.num_train=8", "data.batch_size=4"])
+    path = prepare_run_dir(cfg)
+    job = build_job(cfg, path)
+    initial = _state(job.module.scorer)
+    trainer = build_trainer(cfg, path, job)
+    trainer.callbacks.append(_SaveRankState(str(tmp_path)))
+    trainer.fit(job.module, datamodule=job.datamodule)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    # the ranks saw different images, so identical weights mean the gradients were synchronised
+    assert ranks[0]["names"] and not set(ranks[0]["names"]) & set(ranks[1]["names"])
+    assert ranks[0]["counters"] == ranks[1]["counters"] == {"rollouts": 2, "policy_updates": 4, "warmup_updates": 0}
+    assert _same(ranks[0]["scorer"], ranks[1]["scorer"])
+    assert not _same(ranks[0]["scorer"], initial)
+
+
+def test_fit_then_test_reports_selected_and_original_metrics(rps_overrides):
+    cfg = load_config(EXPERIMENT, rps_overrides + ["trainer.max_epochs=1"])
+    result = train(cfg)
+    assert result["train/policy_updates"] == 2 and 0 <= result["val/iou_c"] <= 1
+    metrics = evaluate(cfg, "test")
+    written = json.loads((Path(result["run_dir"]) / "metrics" / "test.json").read_text())
+    for key in ("mae", "rmse", "sigma_l_f1", "iou_c", "mask_ap", "point_iou"):
+        for suffix in ("", "_original"):
+            if key in ("mae", "rmse") and suffix:
+                continue
+            name = f"test/{key}{suffix}"
+            assert name in written and written[name] == pytest.approx(metrics[name]), name
+    assert 0 <= written["test/iou_c"] <= 1 and written["test/gt_instances"] > 0
+
+
+def test_control_without_grpo_uses_the_proposer_points(rps_overrides):
+    cfg = load_config(CONTROL, rps_overrides + ["trainer.max_epochs=1", "data.synthetic.num_train=4"])
+    result = train(cfg)
+    assert result["train/policy_updates"] == 0 and result["train/rollouts"] == 1
+    assert result["val/iou_c"] == result["val/iou_c_original"]
+    assert result["val/sigma_l_f1"] == result["val/sigma_l_f1_original"]
+
+
+def test_config_errors_and_proposer_checkpoint(rps_overrides, tmp_path):
+    from crowdseg.errors import ConfigError
+    from crowdseg.lit.rps import rps_module_from_config
+
+    with pytest.raises(ConfigError, match="rps.train_points"):
+        rps_module_from_config(load_config(EXPERIMENT, rps_overrides + ["rps.train_points=gt"]), tmp_path)
+    with pytest.raises(ConfigError, match="rps.proposer_ckpt.*not found"):
+        rps_module_from_config(load_config(EXPERIMENT, rps_overrides + [f"rps.proposer_ckpt={tmp_path / 'x.ckpt'}"]),
+                               tmp_path)
+    # a p2p run's checkpoint holds the predictor under `model.`; its weights become the proposer's
+    donor = rps_module_from_config(load_config(EXPERIMENT, rps_overrides + ["model.anchor_rows=2"]), tmp_path)
+    with torch.no_grad():
+        for p in donor.proposer.parameters():
+            p.add_(1.0)
+    ckpt = tmp_path / "p2p.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in donor.proposer.state_dict().items()}}, ckpt)
+    module = rps_module_from_config(load_config(EXPERIMENT, rps_overrides + [f"rps.proposer_ckpt={ckpt}"]), tmp_path)
+    assert _same(_state(module.proposer), _state(donor.proposer))
+    with pytest.raises(ConfigError, match="does not fit"):
+        rps_module_from_config(load_config(EXPERIMENT, rps_overrides + [f"rps.proposer_ckpt={ckpt}",
+                                                                         "model.fpn_channels=16"]), tmp_path)
