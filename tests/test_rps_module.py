@@ -21,7 +21,7 @@ CONTROL = ROOT / "experiments" / "rps" / "synthetic_no_grpo.yaml"
 # On top of conftest's TINY: a tiny scorer and few candidates on small, sparse images.
 RPS_TINY = ["rps.num_candidates=4", "rps.group_size=4", "rps.scorer_channels=16", "sam.prompt_chunk=64",
             "data.synthetic.height=64", "data.synthetic.width=64", "data.synthetic.max_people=8",
-            "trainer.check_val_every_n_epoch=1", "checkpoint_every_n_steps=1"]
+            "trainer.check_val_every_n_epoch=1", "checkpoint_every_n_steps=1", "rps.proposer_steps=0"]
 
 
 @pytest.fixture
@@ -38,13 +38,14 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def test_fast_dev_run_makes_one_grpo_update_of_the_scorer_only(rps_overrides):
-    cfg = load_config(EXPERIMENT, rps_overrides + ["rps.train_proposer=false", "trainer.fast_dev_run=true"])
+    cfg = load_config(EXPERIMENT, rps_overrides + ["rps.train_proposer=false", "rps.ppo_epochs=1",
+                                                   "trainer.fast_dev_run=true"])
     path = prepare_run_dir(cfg)
     job = build_job(cfg, path)
     module: RPSModule = job.module
     scorer, reference, proposer = _state(module.scorer), _state(module.reference), _state(module.proposer)
     build_trainer(cfg, path, job).fit(module, datamodule=job.datamodule)
-    assert module.counters == {"rollouts": 1, "policy_updates": 1, "warmup_updates": 0}
+    assert module.counters == {"batches": 1, "rollouts": 1, "policy_updates": 1, "warmup_updates": 0}
     assert not _same(_state(module.scorer), scorer), "the GRPO step did not move the scorer"
     assert _same(_state(module.reference), reference) and _same(_state(module.proposer), proposer)
     logged = module.trainer.callback_metrics
@@ -72,12 +73,13 @@ def _fit(cfg, probe: _Probe) -> RPSModule:
     return job.module
 
 
+@pytest.mark.slow
 def test_resume_restores_policy_reference_and_counters(rps_overrides):
     # 1 warm-up rollout, then GRPO with 2 updates per rollout; stop after 3 optimizer steps, then go on to 7
     base = rps_overrides + ["rps.train_proposer=false", "rps.warmup_steps=1", "rps.ppo_epochs=2",
                             "trainer.max_epochs=10", "trainer.limit_val_batches=0"]
     first = _fit(load_config(EXPERIMENT, base + ["trainer.max_steps=3"]), _Probe())
-    assert first.counters == {"rollouts": 2, "policy_updates": 2, "warmup_updates": 1}
+    assert first.counters == {"batches": 2, "rollouts": 2, "policy_updates": 2, "warmup_updates": 1}
     ckpt = torch.load(Path(first.run_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["rps_counters"] == first.counters and ckpt["global_step"] == 3
     saved_scorer = {k[len("scorer."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("scorer.")}
@@ -91,7 +93,7 @@ def test_resume_restores_policy_reference_and_counters(rps_overrides):
     scorer, reference, counters = probe.start
     assert counters == first.counters
     assert _same(scorer, saved_scorer) and _same(reference, saved_reference)
-    assert second.counters == {"rollouts": 4, "policy_updates": 6, "warmup_updates": 1}
+    assert second.counters == {"batches": 4, "rollouts": 4, "policy_updates": 6, "warmup_updates": 1}
     assert _same(_state(second.reference), saved_reference), "the reference moved during GRPO"
     assert not _same(_state(second.scorer), saved_scorer)
 
@@ -106,33 +108,39 @@ class _SaveRankState(L.Callback):
         self.names += [m["name"] for m in batch["meta"]]
 
     def on_train_end(self, trainer, module):
-        torch.save({"scorer": _state(module.scorer), "names": self.names, "counters": dict(module.counters)},
+        torch.save({"scorer": _state(module.scorer), "proposer": _state(module.proposer), "names": self.names,
+                    "counters": dict(module.counters)},
                    os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
 
 
 @pytest.mark.slow
 def test_two_process_ddp_grpo_ends_with_identical_policies(rps_overrides, tmp_path):
     cfg = load_config(EXPERIMENT, rps_overrides + [
-        "rps.train_proposer=true", "rps.ppo_epochs=2", "trainer.devices=2", "trainer.strategy=ddp_spawn",
-        "trainer.max_steps=4", "trainer.limit_val_batches=0", "data.synthetic.num_train=8", "data.batch_size=4"])
+        "rps.train_proposer=true", "rps.proposer_steps=1", "rps.ppo_epochs=2", "trainer.devices=2",
+        "trainer.strategy=ddp_spawn", "trainer.limit_val_batches=0", "data.synthetic.num_train=8", "data.batch_size=4"])
     path = prepare_run_dir(cfg)
     job = build_job(cfg, path)
-    initial = _state(job.module.scorer)
+    initial, initial_proposer = _state(job.module.scorer), _state(job.module.proposer)
     trainer = build_trainer(cfg, path, job)
     trainer.callbacks.append(_SaveRankState(str(tmp_path)))
     trainer.fit(job.module, datamodule=job.datamodule)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     # the ranks saw different images, so identical weights mean the gradients were synchronised
     assert ranks[0]["names"] and not set(ranks[0]["names"]) & set(ranks[1]["names"])
-    assert ranks[0]["counters"] == ranks[1]["counters"] == {"rollouts": 2, "policy_updates": 4, "warmup_updates": 0}
-    assert _same(ranks[0]["scorer"], ranks[1]["scorer"])
-    assert not _same(ranks[0]["scorer"], initial)
+    # 2 batches per rank: the proposer alone, then one rollout with 2 GRPO updates (+ the proposer's)
+    assert ranks[0]["counters"] == ranks[1]["counters"] == {"batches": 2, "rollouts": 1, "policy_updates": 2,
+                                                            "warmup_updates": 0}
+    for part, start in (("scorer", initial), ("proposer", initial_proposer)):
+        assert _same(ranks[0][part], ranks[1][part]), part
+        assert not _same(ranks[0][part], start), part
 
 
+@pytest.mark.slow
 def test_fit_then_test_reports_selected_and_original_metrics(rps_overrides):
     cfg = load_config(EXPERIMENT, rps_overrides + ["trainer.max_epochs=1"])
     result = train(cfg)
-    assert result["train/policy_updates"] == 2 and 0 <= result["val/iou_c"] <= 1
+    # 8 images in batches of 4: 2 rollouts of ppo_epochs updates each
+    assert result["train/policy_updates"] == 2 * cfg.rps.ppo_epochs and 0 <= result["val/iou_c"] <= 1
     metrics = evaluate(cfg, "test")
     written = json.loads((Path(result["run_dir"]) / "metrics" / "test.json").read_text())
     for key in ("mae", "rmse", "sigma_l_f1", "iou_c", "mask_ap", "point_iou"):
@@ -142,14 +150,22 @@ def test_fit_then_test_reports_selected_and_original_metrics(rps_overrides):
             name = f"test/{key}{suffix}"
             assert name in written and written[name] == pytest.approx(metrics[name]), name
     assert 0 <= written["test/iou_c"] <= 1 and written["test/gt_instances"] > 0
+    assert written["test/shift"] >= abs(written["test/shift_y"])
+    predictions = [p for batch in evaluate(cfg, "predict")["predictions"] for p in batch]
+    assert len(predictions) == cfg.data.synthetic.num_test
+    for p in predictions:
+        assert p["instance_map"].shape == (64, 64) and p["instance_map"].max() <= len(p["points"])
+        assert p["points"].shape == p["original_points"].shape
 
 
+@pytest.mark.slow
 def test_control_without_grpo_uses_the_proposer_points(rps_overrides):
     cfg = load_config(CONTROL, rps_overrides + ["trainer.max_epochs=1", "data.synthetic.num_train=4"])
     result = train(cfg)
     assert result["train/policy_updates"] == 0 and result["train/rollouts"] == 1
     assert result["val/iou_c"] == result["val/iou_c_original"]
     assert result["val/sigma_l_f1"] == result["val/sigma_l_f1_original"]
+    assert result["val/shift"] == 0.0
 
 
 def test_config_errors_and_proposer_checkpoint(rps_overrides, tmp_path):

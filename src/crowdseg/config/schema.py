@@ -149,6 +149,7 @@ class RpsConfig:
     """
     proposer_ckpt: Optional[str] = None  # p2p checkpoint whose `model.*` weights initialise the proposer
     train_proposer: bool = False      # False: proposer frozen; True: also trained, with the P2P loss (`loss:`)
+    proposer_steps: int = 0           # first training batches that train only the proposer (needs train_proposer)
     train_points: str = "matched"     # matched: the proposal Hungarian-matched to each GT point | predicted: score > threshold
     num_candidates: int = 8           # K candidates per point (index 0 = the point itself)
     sigma: float = 0.5                # candidate spread, in NNEC radii

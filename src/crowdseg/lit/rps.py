@@ -3,7 +3,9 @@
 Orchestration only; the math lives in `crowdseg.rl` (candidates, policy, grpo, reward) and the SAM
 environment in `crowdseg.rl.sam_env`.
 
-**Training** (manual optimisation), one *rollout* per batch:
+**Training** (manual optimisation). With a trained proposer (`proposer_criterion`), the first
+`proposer_steps` batches train only the proposer (P2P loss, no SAM): cheap steps that give RPS
+points worth refining when no proposer checkpoint exists. Every later batch is one *rollout*:
 1. The proposer (a `PointPredictor`, frozen by default) gives the points of each image:
    - ``train_points="matched"`` (default): for every GT person, the proposal the P2P Hungarian
      matcher assigns to it (`hungarian_match`, whatever its score). Every person yields one group,
@@ -24,8 +26,9 @@ The scorer reads the proposer's stride-8 features, detached. With `proposer_crit
 is trained too (P2P loss, its own optimizer, stepped once per rollout); every backward touches all
 trainable parameters (zero-weight terms where unused), so DDP's reducer always sees the same set.
 
-Counters (saved in the checkpoint, `on_save_checkpoint`): ``rollouts`` (training batches),
-``policy_updates`` (GRPO optimizer steps), ``warmup_updates``. Lightning's ``global_step`` counts
+Counters (saved in the checkpoint, `on_save_checkpoint`): ``batches`` (training batches),
+``rollouts`` (batches with a rollout), ``policy_updates`` (GRPO optimizer steps of the scorer),
+``warmup_updates``. Lightning's ``global_step`` counts
 optimizer steps of every optimizer, so it is not the number of policy updates. Candidates and
 actions come from a CPU generator seeded by (seed, rollouts, rank): a resumed run draws exactly
 what the uninterrupted run would have drawn. Schedulers step by hand at the end of each epoch.
@@ -33,7 +36,8 @@ what the uninterrupted run would have drawn. Schedulers step by hand at the end 
 Logged: ``train/reward_mean`` and ``train/reward_std`` (mean and mean within-group std of the
 sampled actions' rewards, matched groups), ``train/reward_selected`` (reward of the greedy choice
 of pi_old) and ``train/reward_original`` (of the point itself), ``train/clip_fraction``,
-``train/kl``, ``train/loss``, ``train/valid_groups`` and the counters.
+``train/kl``, ``train/ratio``, ``train/loss``, ``train/valid_groups``, ``train/proposer_loss``,
+``train/phase`` (0 proposer only, 1 warm-up, 2 GRPO) and the counters.
 
 **Inference**: proposer points (score > threshold) -> K candidates (seeded per image name) -> the
 scorer's argmax per group (the point itself when the scorer was never trained: `grpo` false and no
@@ -42,7 +46,9 @@ original points are scored: ``<stage>/mae``, ``rmse``, ``mse``, ``nae`` (counts 
 both), ``<stage>/sigma_{s,l}_{precision,recall,f1}`` (radii 4 / 8 px), ``<stage>/iou_c`` (Mean IoU_C),
 ``<stage>/mask_ap*`` (COCO mask AP), ``<stage>/point_iou`` (mean IoU of each GT-matched point's
 own mask, before overlap resolution: the quantity the reward measures), each also with the suffix
-``_original``; written to ``<run_dir>/metrics/<stage>.json`` on rank 0.
+``_original``; and ``<stage>/shift`` (mean distance from each point to its selected candidate, in
+NNEC radii) with its signed parts ``shift_x``, ``shift_y`` (y grows downwards). Written to
+``<run_dir>/metrics/<stage>.json`` on rank 0.
 """
 from __future__ import annotations
 
@@ -92,6 +98,7 @@ class RpsSettings:
     unmatched_reward: float = 0.0
     distance_weight: float = 0.0
     seed: int = 0
+    proposer_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.train_points not in TRAIN_POINTS:
@@ -101,7 +108,7 @@ class RpsSettings:
         for name in ("num_candidates", "group_size", "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.sigma < 0 or self.clip_eps <= 0 or self.beta < 0:
+        if self.warmup_steps < 0 or self.proposer_steps < 0 or self.sigma < 0 or self.clip_eps <= 0 or self.beta < 0:
             raise ValueError("warmup_steps, sigma and beta must be >= 0 and clip_eps > 0")
 
     @property
@@ -146,12 +153,14 @@ class RPSModule(L.LightningModule):
         if not self.train_proposer:
             proposer.requires_grad_(False).eval()   # Lightning keeps each submodule's mode as it finds it
         self.run_dir, self.num_pictures = run_dir, num_pictures
-        self.counters = {"rollouts": 0, "policy_updates": 0, "warmup_updates": 0}
+        self.counters = {"batches": 0, "rollouts": 0, "policy_updates": 0, "warmup_updates": 0}
+        if settings.proposer_steps and not self.train_proposer:
+            raise ValueError("proposer_steps > 0 needs a trained proposer (a proposer_criterion)")
         self.metrics = nn.ModuleDict({stage: self._stage_metrics() for stage in STAGES})
 
     @staticmethod
     def _stage_metrics() -> nn.ModuleDict:
-        metrics = {"counting": CountingMetrics()}
+        metrics = {"counting": CountingMetrics(), "shift": MeanMetric(), "shift_x": MeanMetric(), "shift_y": MeanMetric()}
         for suffix in ("", "_original"):
             metrics["localization" + suffix] = LocalizationMetrics(fixed_radii=LOCALIZATION_RADII)
             metrics["iou" + suffix] = InstanceIoU()
@@ -235,18 +244,28 @@ class RPSModule(L.LightningModule):
     # ---------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         s = self.settings
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        scorer_opt = optimizers[0]
-        proposer_opt = optimizers[1] if self.train_proposer else None
-        rank = self.global_rank
-        generator = self._generator(self.counters["rollouts"], rank)
-
         with torch.set_grad_enabled(self.train_proposer):
             outputs = self.proposer(batch["image"])
         proposer_loss = None
         if self.train_proposer:
             proposer_loss = self.proposer_criterion(outputs, [p.to(self.device) for p in batch["points"]])["loss"]
+        if self.counters["batches"] < s.proposer_steps:          # the proposer alone, no rollout
+            self._update(None, proposer_loss, step_scorer=False)
+            logs = {"phase": torch.tensor(0.0)}
+        else:
+            logs = self._rps_step(batch, outputs, proposer_loss)
+        self.counters["batches"] += 1
+        if proposer_loss is not None:
+            logs["proposer_loss"] = proposer_loss.detach()
+        logs.update({k: torch.tensor(float(v)) for k, v in self.counters.items()})
+        self.log_dict({f"train/{k}": v.float().to(self.device) for k, v in logs.items()},
+                      batch_size=len(batch["points"]))
+
+    def _rps_step(self, batch: dict[str, Any], outputs: dict[str, Tensor], proposer_loss: Optional[Tensor]
+                  ) -> dict[str, Tensor]:
+        """One rollout and its scorer updates (warm-up or GRPO); see the module docstring."""
+        s = self.settings
+        generator = self._generator(self.counters["rollouts"], self.global_rank)
         features = outputs["features"].detach()
         with torch.no_grad():
             ro = self.rollout(batch, outputs, generator)
@@ -256,73 +275,77 @@ class RPSModule(L.LightningModule):
         matched = ro.matched >= 0
         n = len(ro.points)
 
-        def scores() -> Tensor:
-            return self.scorer(features, ro.candidates, ro.points, ro.radii, ro.batch_index)
+        def scores(net: nn.Module) -> Tensor:
+            if n == 0:
+                return ro.rewards.new_zeros((0, s.num_candidates))
+            return net(features, ro.candidates, ro.points, ro.radii, ro.batch_index)
 
-        logs: dict[str, Tensor] = {}
+        logs: dict[str, Tensor] = {"phase": torch.tensor(1.0 if warm else 2.0)}
         with torch.no_grad():
-            old_logits = scores() if n else ro.rewards.new_zeros((0, s.num_candidates))
-        pick = greedy(old_logits) if n else torch.zeros(0, dtype=torch.long, device=self.device)
+            old_logits = scores(self.scorer)
+        pick = greedy(old_logits)
         logs["reward_selected"] = _masked_mean(ro.rewards.gather(1, pick[:, None])[:, 0], matched)
         logs["reward_original"] = _masked_mean(ro.rewards[:, 0], matched)
 
-        if warm or not s.grpo:
-            updates = 1 if (warm or self.train_proposer) else 0
-        else:
-            updates = s.ppo_epochs
+        if warm:
+            loss = iou_regression_loss(scores(self.scorer), ro.rewards, s.warmup_loss, valid=matched) if n else None
+            self._update(loss, proposer_loss, step_scorer=True)
+            self.counters["warmup_updates"] += 1
+            logs["loss"] = loss.detach() if loss is not None else torch.tensor(0.0)
+        elif s.grpo:
             actions = sample(old_logits, s.group_size, generator)
             sampled_rewards = ro.rewards.gather(1, actions)
             advantages, valid = group_advantages(sampled_rewards)
             valid = valid & matched
             with torch.no_grad():
                 old_logp = log_prob(old_logits, actions)
-                ref_logp = log_prob(self.reference(features, ro.candidates, ro.points, ro.radii, ro.batch_index),
-                                    actions) if n else old_logp
-            logs["reward_mean"] = _masked_mean(sampled_rewards.mean(1), matched)
-            logs["reward_std"] = _masked_mean(sampled_rewards.std(1, correction=0), matched)
-            logs["valid_groups"] = valid.float().sum()
-
-        diagnostics: list[dict[str, Tensor]] = []
-        for epoch in range(updates):
-            policy_step = not warm and s.grpo
-            if n == 0 or not (warm or policy_step):
-                loss = _touch(list(self.scorer.parameters())).to(self.device)
-            elif warm:
-                loss = iou_regression_loss(scores(), ro.rewards, s.warmup_loss, valid=matched)
-            else:
-                loss, diag = grpo_loss(log_prob(scores(), actions), old_logp, advantages, valid, ref_logp,
-                                       s.clip_eps, s.beta)
-                diagnostics.append(diag)
-            total = loss
-            if self.train_proposer:
-                total = total + (proposer_loss if epoch == 0 else _touch(list(self.proposer.parameters())).to(self.device))
-            scorer_opt.zero_grad()
-            if proposer_opt is not None:
-                proposer_opt.zero_grad()
-            self.manual_backward(total)
-            clip = self.optim.get("grad_clip")
-            if clip:
-                self.clip_gradients(scorer_opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-            if warm or policy_step:
-                scorer_opt.step()
-                self.counters["warmup_updates" if warm else "policy_updates"] += 1
-            if proposer_opt is not None and epoch == 0:
-                if clip:
-                    self.clip_gradients(proposer_opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-                proposer_opt.step()
-            logs["loss"] = loss.detach()
+                ref_logp = log_prob(scores(self.reference), actions)
+            diagnostics = []
+            for epoch in range(s.ppo_epochs):
+                loss, diag = (grpo_loss(log_prob(scores(self.scorer), actions), old_logp, advantages, valid, ref_logp,
+                                        s.clip_eps, s.beta) if n else (None, None))
+                self._update(loss, proposer_loss if epoch == 0 else None, step_scorer=True,
+                             step_proposer=epoch == 0)
+                self.counters["policy_updates"] += 1
+                if diag is not None:
+                    diagnostics.append(diag)
+            logs.update(reward_mean=_masked_mean(sampled_rewards.mean(1), matched),
+                        reward_std=_masked_mean(sampled_rewards.std(1, correction=0), matched),
+                        valid_groups=valid.float().sum())
+            if diagnostics:
+                for key in ("clip_fraction", "kl", "ratio"):
+                    logs[key] = torch.stack([d[key] for d in diagnostics]).mean()
+                logs["loss"] = loss.detach()
+        elif self.train_proposer:                               # the control: only the proposer learns
+            self._update(None, proposer_loss, step_scorer=False)
         self.counters["rollouts"] += 1
+        return logs
 
-        if diagnostics:
-            logs["clip_fraction"] = torch.stack([d["clip_fraction"] for d in diagnostics]).mean()
-            logs["kl"] = torch.stack([d["kl"] for d in diagnostics]).mean()
-            logs["ratio"] = torch.stack([d["ratio"] for d in diagnostics]).mean()
-        if proposer_loss is not None:
-            logs["proposer_loss"] = proposer_loss.detach()
-        logs.update({k: torch.tensor(float(v)) for k, v in self.counters.items()})
-        logs["warmup"] = torch.tensor(float(warm))
-        size = len(batch["points"])
-        self.log_dict({f"train/{k}": v.float().to(self.device) for k, v in logs.items()}, batch_size=size)
+    def _update(self, scorer_loss: Optional[Tensor], proposer_loss: Optional[Tensor], step_scorer: bool,
+                step_proposer: bool = True) -> None:
+        """One backward of (scorer loss + proposer loss), gradient clipping by norm, optimizer steps.
+
+        A missing loss becomes a zero that touches the part's parameters, so every backward reaches
+        every trainable parameter (DDP's reducer expects that). An optimizer only steps when asked.
+        """
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        scorer_opt = optimizers[0]
+        proposer_opt = optimizers[1] if self.train_proposer else None
+        total = scorer_loss if scorer_loss is not None else _touch(list(self.scorer.parameters())).to(self.device)
+        if proposer_opt is not None:
+            total = total + (proposer_loss if proposer_loss is not None and step_proposer
+                             else _touch(list(self.proposer.parameters())).to(self.device))
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        self.manual_backward(total)
+        clip = self.optim.get("grad_clip")
+        for optimizer, step in ((scorer_opt, step_scorer), (proposer_opt, step_proposer)):
+            if optimizer is None or not step:
+                continue
+            if clip:
+                self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            optimizer.step()
 
     def on_train_epoch_end(self) -> None:
         schedulers = self.lr_schedulers()
@@ -402,6 +425,13 @@ class RPSModule(L.LightningModule):
             m["iou" + suffix].update([i[map_key] for i in items], gts)
             m["mask_ap" + suffix].update([{"instance_map": i[map_key], "scores": i["scores"].cpu()} for i in items],
                                          [{"instance_map": g} for g in gts])
+        for item in items:
+            if len(item["points"]):
+                radii = torch.from_numpy(item["scene"].radii).float().to(self.device)
+                offset = (item["selected"] - item["points"]) / radii[:, None]
+                m["shift"].update(offset.norm(dim=1))
+                m["shift_x"].update(offset[:, 0])
+                m["shift_y"].update(offset[:, 1])
         if maps is not None:
             for item, gt, gt_map in zip(items, gt_points, maps):
                 self._update_point_iou(m, item, gt, gt_map.to(self.device))
@@ -437,6 +467,9 @@ class RPSModule(L.LightningModule):
         values: dict[str, float] = {}
         m = self.metrics[stage]
         values.update(_compute(m["counting"]))
+        for key in ("shift", "shift_x", "shift_y"):
+            if m[key].update_count:
+                values[key] = float(m[key].compute())
         for suffix in ("", "_original"):
             values.update({k + suffix: v for k, v in _compute(m["localization" + suffix]).items()
                            if "level" not in k})
@@ -522,7 +555,10 @@ def rps_module_from_config(cfg: Any, path: Path, datamodule: Any = None) -> RPSM
     for key in ("num_candidates", "group_size", "ppo_epochs", "scorer_channels", "scorer_layers"):
         if r[key] < 1:
             raise ConfigError(f"key 'rps.{key}': must be >= 1, got {r[key]}")
-    for key in ("sigma", "beta", "warmup_steps", "distance_weight"):
+    if r.proposer_steps > 0 and not r.train_proposer:
+        raise ConfigError(f"key 'rps.proposer_steps': {r.proposer_steps} steps of proposer training need "
+                          f"rps.train_proposer=true")
+    for key in ("sigma", "beta", "warmup_steps", "distance_weight", "proposer_steps"):
         if r[key] < 0:
             raise ConfigError(f"key 'rps.{key}': must be >= 0, got {r[key]}")
     if not (r.clip_eps > 0 and r.lr > 0):
@@ -546,7 +582,7 @@ def rps_module_from_config(cfg: Any, path: Path, datamodule: Any = None) -> RPSM
     environment = SamEnvironment(BatchedSamPredictor(build_predictor_model(cfg), cfg.sam.prompt_chunk), options)
     settings = RpsSettings(r.num_candidates, r.sigma, r.group_size, r.clip_eps, r.beta, r.ppo_epochs,
                            r.warmup_steps, r.warmup_loss, r.grpo, r.train_points, lo.score_threshold,
-                           r.unmatched_reward, r.distance_weight, cfg.seed)
+                           r.unmatched_reward, r.distance_weight, cfg.seed, r.proposer_steps)
     optim = {k: cfg.optim[k] for k in ("lr", "backbone_lr", "weight_decay", "step_size", "gamma", "grad_clip")}
     optim["scorer_lr"] = r.lr
     criterion = P2PLoss(lo.cost_class, lo.cost_point, lo.eos_coef, lo.point_loss_coef) if r.train_proposer else None
