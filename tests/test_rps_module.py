@@ -108,7 +108,10 @@ class _SaveRankState(L.Callback):
         self.names += [m["name"] for m in batch["meta"]]
 
     def on_train_end(self, trainer, module):
-        torch.save({"scorer": _state(module.scorer), "proposer": _state(module.proposer), "names": self.names,
+        # parameters only: DDP syncs gradients; batch-norm running statistics stay per rank until the
+        # next forward broadcasts rank 0's
+        proposer = {k: v.detach().clone() for k, v in module.proposer.named_parameters()}
+        torch.save({"scorer": _state(module.scorer), "proposer": proposer, "names": self.names,
                     "counters": dict(module.counters)},
                    os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
 
@@ -120,7 +123,8 @@ def test_two_process_ddp_grpo_ends_with_identical_policies(rps_overrides, tmp_pa
         "trainer.strategy=ddp_spawn", "trainer.limit_val_batches=0", "data.synthetic.num_train=8", "data.batch_size=4"])
     path = prepare_run_dir(cfg)
     job = build_job(cfg, path)
-    initial, initial_proposer = _state(job.module.scorer), _state(job.module.proposer)
+    initial = _state(job.module.scorer)
+    initial_proposer = {k: v.detach().clone() for k, v in job.module.proposer.named_parameters()}
     trainer = build_trainer(cfg, path, job)
     trainer.callbacks.append(_SaveRankState(str(tmp_path)))
     trainer.fit(job.module, datamodule=job.datamodule)
