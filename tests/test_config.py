@@ -92,3 +92,9 @@ def test_sweep_files_use_plain_overrides():
         overrides = [f"{k}={spec['values'][0] if 'values' in spec else spec.get('value', spec.get('min'))}"
                      for k, spec in sweep["parameters"].items()]
         load_config(ROOT / experiment, overrides)  # every swept key exists and has the right type
+
+
+def test_masks_dir_is_per_split():
+    from crowdseg.data import masks_dir_of
+    cfg = load_config(ROOT / "experiments/p2p/synthetic.yaml", ["data.masks_dir=/m/sha/{split}"])
+    assert masks_dir_of(cfg, "train") == "/m/sha/train" and masks_dir_of(cfg, "test") == "/m/sha/test"

@@ -26,8 +26,14 @@ def dataset_options(cfg: DictConfig, split: str) -> dict[str, Any]:
         return {"num_images": sizes.get(split, syn.num_test), "height": syn.height, "width": syn.width,
                 "min_people": syn.min_people, "max_people": syn.max_people, "seed": syn.seed}
     return {"on_bad_annotation": data.on_bad_annotation, "max_size": data.max_size, "cache_dir": data.cache_dir,
-            "num_workers": data.num_workers, "masks_dir": data.masks_dir,
+            "num_workers": data.num_workers, "masks_dir": masks_dir_of(cfg, split),
             **OmegaConf.to_container(data.reader_options, resolve=True)}
+
+
+def masks_dir_of(cfg: DictConfig, split: str) -> str | None:
+    """`data.masks_dir` for `split`: a "{split}" in the path is replaced by the split's name, so train
+    and test images with the same file stem (ShanghaiTech's IMG_k) never share a mask folder."""
+    return cfg.data.masks_dir.replace("{split}", split) if cfg.data.masks_dir else None
 
 
 def build_dataset(cfg: DictConfig, split: str, train: bool = False) -> Dataset:

@@ -42,7 +42,8 @@ class DataConfig:
     split_seed: int = 0              # seed of the label-fraction split (independent of `seed`)
     on_bad_annotation: str = "fail"  # fail | skip (the image) | drop (only the bad points)
     cache_dir: Optional[str] = None  # preprocessing cache (resized images + labels); None reads the files
-    masks_dir: Optional[str] = None  # instance-id maps `<image stem>.png|.npy` (e.g. from `crowdseg masks`)
+    masks_dir: Optional[str] = None  # instance-id maps `<image stem>.png|.npy` (e.g. from `crowdseg masks`);
+                                     # "{split}" in the path becomes the split name (masks/{split})
     scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # training random scale
     hflip: float = 0.5               # training horizontal-flip probability
     photometric: str = "none"        # training colour jitter / blur: none | weak | strong
