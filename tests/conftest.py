@@ -19,7 +19,8 @@ TINY = [
     "data.synthetic.num_train=8", "data.synthetic.num_val=2", "data.synthetic.num_test=2",
     "data.synthetic.height=64", "data.synthetic.width=64", "data.synthetic.max_people=20",
     "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-    "trainer.accelerator=cpu", "logger.num_pictures=1",
+    "trainer.accelerator=cpu", "trainer.check_val_every_n_epoch=1", "trainer.log_every_n_steps=1",
+    "logger.num_pictures=1",
 ]
 
 

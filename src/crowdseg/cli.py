@@ -88,6 +88,10 @@ def _report(result: dict) -> None:
         print(f"{key:>12}: {value}")
     if metrics:
         print(json.dumps(metrics, indent=2, sort_keys=True))
+    if "val/mae" in metrics and "val/mae_mean_baseline" in metrics:
+        mae, base = metrics["val/mae"], metrics["val/mae_mean_baseline"]
+        print(f"validation MAE {mae:.2f} vs. {base:.2f} for always predicting the training mean count"
+              + (f" ({100 * (1 - mae / base):.0f}% lower)" if base > 0 else ""))
 
 
 def _is_rank_zero() -> bool:
