@@ -21,6 +21,11 @@ class Job:
     datamodule: L.LightningDataModule
 
 
+def optim_settings(cfg: DictConfig) -> dict[str, float]:
+    """The plain optimizer values a counting LightningModule takes (lit/common.adam_with_backbone_lr)."""
+    return {k: cfg.optim[k] for k in ("lr", "backbone_lr", "weight_decay", "step_size", "gamma")}
+
+
 def build_p2p(cfg: DictConfig, path: Path) -> Job:
     from crowdseg.data import build_datamodule
     from crowdseg.lit.p2p import PointPredictorModule
@@ -33,9 +38,8 @@ def build_p2p(cfg: DictConfig, path: Path) -> Job:
     model = PointPredictor(create_backbone(m.backbone, m.pretrained, reductions=(8, 16)), m.fpn_channels,
                            m.head_channels, m.anchor_rows, m.anchor_cols, m.regression_scale)
     criterion = P2PLoss(lo.cost_class, lo.cost_point, lo.eos_coef, lo.point_loss_coef)
-    optim = {k: cfg.optim[k] for k in ("lr", "backbone_lr", "weight_decay", "step_size", "gamma")}
     datamodule = build_datamodule(cfg)
-    module = PointPredictorModule(model, criterion, optim, lo.score_threshold, path, cfg.logger.num_pictures,
+    module = PointPredictorModule(model, criterion, optim_settings(cfg), lo.score_threshold, path, cfg.logger.num_pictures,
                                   point_mask_loss(cfg, datamodule), cfg.mask_loss.points)
     return Job(module, datamodule)
 
@@ -54,10 +58,9 @@ def build_density(cfg: DictConfig, path: Path) -> Job:
     if d.sigma <= 0:
         raise ConfigError(f"key 'density.sigma': must be > 0, got {d.sigma}")
     model = DensityCounter(create_backbone(m.backbone, m.pretrained, reductions=(8,)), list(d.channels), d.activation)
-    optim = {k: cfg.optim[k] for k in ("lr", "backbone_lr", "weight_decay", "step_size", "gamma")}
     datamodule = build_datamodule(cfg)
     mask_loss, one_point_loss = density_mask_losses(cfg, datamodule, model.stride)
-    module = DensityModule(model, DensityLoss(model.stride, d.sigma), optim, mask_loss, one_point_loss,
+    module = DensityModule(model, DensityLoss(model.stride, d.sigma), optim_settings(cfg), mask_loss, one_point_loss,
                            cfg.mask_loss.one_point_threshold, path, cfg.logger.num_pictures)
     return Job(module, datamodule)
 

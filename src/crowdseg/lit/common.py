@@ -12,6 +12,29 @@ from torchmetrics import Metric
 from crowdseg.metrics import write_metrics_json
 
 
+class StageHooks:
+    """Routes Lightning's validation / test hooks to `_eval_step(stage, batch, batch_idx)` and
+    `_end_stage(stage)`, which a module defines once for both stages."""
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step("val", batch, batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step("test", batch, batch_idx)
+
+    def on_validation_epoch_end(self):
+        self._end_stage("val")
+
+    def on_test_epoch_end(self):
+        self._end_stage("test")
+
+
+def log_losses(module: L.LightningModule, losses: Mapping[str, torch.Tensor], batch_size: int) -> None:
+    """Log `train/loss` (on the progress bar) and every other entry of `losses` as `train/<key>`."""
+    module.log("train/loss", losses["loss"], prog_bar=True, batch_size=batch_size)
+    module.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=batch_size)
+
+
 def finish_stage(module: L.LightningModule, stage: str, metrics: Sequence[Metric], run_dir: Optional[Path],
                  keep: Callable[[str], bool] = lambda key: True) -> dict[str, float]:
     """Compute, log as `<stage>/<key>` and reset `metrics`; write `<run_dir>/metrics/<stage>.json`.

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from crowdseg.lit.common import adam_with_backbone_lr, finish_stage
+from crowdseg.lit.common import StageHooks, adam_with_backbone_lr, finish_stage, log_losses
 from crowdseg.losses.density import DensityLoss, density_point_logits
 from crowdseg.losses.mask_counting import DensityMaskLoss, SoftOnePointLoss
 from crowdseg.metrics.torch_metrics import CountingMetrics
@@ -16,7 +16,7 @@ from crowdseg.models.density import DensityCounter, density_count_in_region
 from crowdseg.vis import density_overlay, picture_slots, save_pictures
 
 
-class DensityModule(L.LightningModule):
+class DensityModule(StageHooks, L.LightningModule):
     """Train/evaluate a `DensityCounter` with `DensityLoss` (+ optional mask-supervised terms).
 
     Mask terms (need ``batch["instance_map"]``; a batch in which some image has none skips them and
@@ -77,9 +77,7 @@ class DensityModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)
-        size = len(batch["points"])
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=size)
+        log_losses(self, losses, len(batch["points"]))
         return losses["loss"]
 
     # -------------------------------------------------------------------------------- evaluation
@@ -94,17 +92,8 @@ class DensityModule(L.LightningModule):
         self.counting[stage].update(counts.detach(), gt_counts)
         self._save_pictures(stage, batch, batch_idx, density, counts)
 
-    def validation_step(self, batch, batch_idx):
-        self._eval_step("val", batch, batch_idx)
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step("test", batch, batch_idx)
-
-    def on_validation_epoch_end(self):
-        finish_stage(self, "val", [self.counting["val"]], self.run_dir)
-
-    def on_test_epoch_end(self):
-        finish_stage(self, "test", [self.counting["test"]], self.run_dir)
+    def _end_stage(self, stage: str) -> dict[str, float]:
+        return finish_stage(self, stage, [self.counting[stage]], self.run_dir)
 
     def predict_step(self, batch, batch_idx):
         density, counts = self.predict_density(batch)

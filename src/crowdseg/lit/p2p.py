@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from crowdseg.lit.common import adam_with_backbone_lr, finish_stage, inside_image
+from crowdseg.lit.common import StageHooks, adam_with_backbone_lr, finish_stage, inside_image, log_losses
 from crowdseg.losses.mask_counting import PointMaskLoss
 from crowdseg.losses.p2p import P2PLoss
 from crowdseg.metrics.torch_metrics import CountingMetrics, LocalizationMetrics
@@ -25,7 +25,7 @@ def _localization_key(key: str) -> bool:
     return "level" not in key
 
 
-class PointPredictorModule(L.LightningModule):
+class PointPredictorModule(StageHooks, L.LightningModule):
     """Train/evaluate a `PointPredictor` with `P2PLoss` (+ an optional `PointMaskLoss`).
 
     Training logs ``train/loss``, ``train/cls``, ``train/point`` and, with a mask loss,
@@ -82,9 +82,7 @@ class PointPredictorModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)
-        size = len(batch["points"])
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=size)
+        log_losses(self, losses, len(batch["points"]))
         return losses["loss"]
 
     # -------------------------------------------------------------------------------- evaluation
@@ -105,18 +103,6 @@ class PointPredictorModule(L.LightningModule):
         self.counting[stage].update(pred_counts, gt_counts)
         self.localization[stage].update([p.detach() for p, _ in predictions], batch["points"])
         self._save_pictures(stage, batch, batch_idx, predictions)
-
-    def validation_step(self, batch, batch_idx):
-        self._eval_step("val", batch, batch_idx)
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step("test", batch, batch_idx)
-
-    def on_validation_epoch_end(self):
-        self._end_stage("val")
-
-    def on_test_epoch_end(self):
-        self._end_stage("test")
 
     def _end_stage(self, stage: str) -> dict[str, float]:
         return finish_stage(self, stage, [self.counting[stage], self.localization[stage]], self.run_dir,

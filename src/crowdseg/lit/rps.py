@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from crowdseg.errors import ConfigError, DataError
-from crowdseg.lit.common import inside_image
+from crowdseg.lit.common import StageHooks, inside_image
 from crowdseg.losses.p2p import P2PLoss, hungarian_match
 from crowdseg.metrics import write_metrics_json
 from crowdseg.metrics.torch_metrics import CountingMetrics, InstanceIoU, LocalizationMetrics, MaskAP
@@ -133,7 +133,7 @@ def _touch(parameters: Sequence[nn.Parameter]) -> Tensor:
     return sum((p.sum() * 0.0 for p in parameters), torch.zeros(()))
 
 
-class RPSModule(L.LightningModule):
+class RPSModule(StageHooks, L.LightningModule):
     """RPS: a point proposer, a candidate scorer trained with GRPO, a frozen reference, a SAM environment."""
 
     monitor = ("val/iou_c", "max")
@@ -450,18 +450,6 @@ class RPSModule(L.LightningModule):
         if keep.any():
             m["point_iou"].update(rewards[keep, 0])
             m["point_iou_original"].update(rewards[keep, 1])
-
-    def validation_step(self, batch, batch_idx):
-        self._eval_step("val", batch, batch_idx)
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step("test", batch, batch_idx)
-
-    def on_validation_epoch_end(self):
-        self._end_stage("val")
-
-    def on_test_epoch_end(self):
-        self._end_stage("test")
 
     def _end_stage(self, stage: str) -> dict[str, float]:
         values: dict[str, float] = {}
