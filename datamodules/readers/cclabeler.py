@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crowdseg.errors import DataError
-from datamodules.readers.common import Problem, Record, check_count, list_images, pair_files, require_dir
-from datamodules.readers.nwpu import read_points_json
+from datamodules.readers.common import Problem, Record, list_images, pair_files, require_dir
+from datamodules.readers.nwpu import points_json_record
 
 
 def read_cclabeler(root: str | Path, split: str = "all") -> tuple[list[Record], list[Problem]]:
@@ -22,16 +21,7 @@ def read_cclabeler(root: str | Path, split: str = "all") -> tuple[list[Record], 
                        problems, "annotation file")
     records = []
     for img, ann in pairs:
-        try:
-            gt = read_points_json(ann)
-        except DataError as exc:
-            problems.append(Problem(str(ann), str(exc).partition(": ")[2], record=img.name))
-            continue
-        if gt["human_num"] is not None:
-            p = check_count(gt["human_num"], gt["points"], ann, "human_num")
-            if p is not None:
-                p.record = img.name
-                problems.append(p)
-                continue
-        records.append(Record(img.name, img, gt["points"], gt["boxes"], ann_path=ann))
+        record = points_json_record(img, ann, problems)
+        if record is not None:
+            records.append(record)
     return records, problems

@@ -33,6 +33,23 @@ def read_points_json(path: Path) -> dict:
     return {"points": points, "boxes": boxes if len(boxes) else None, "human_num": data.get("human_num")}
 
 
+def points_json_record(img: Path, ann: Path, problems: list[Problem]) -> Record | None:
+    """The record of image `img` from its points JSON `ann`, or None with the reason added to `problems`
+    (unreadable file, or a declared `human_num` that differs from the number of points)."""
+    try:
+        gt = read_points_json(ann)
+    except DataError as exc:
+        problems.append(Problem(str(ann), str(exc).partition(": ")[2], record=img.name))
+        return None
+    if gt["human_num"] is not None:
+        problem = check_count(gt["human_num"], gt["points"], ann, "human_num")
+        if problem is not None:
+            problem.record = img.name
+            problems.append(problem)
+            return None
+    return Record(img.name, img, gt["points"], gt["boxes"], ann_path=ann)
+
+
 def read_split_ids(path: Path) -> list[str]:
     """The ids (first token of each line) of an NWPU split file."""
     if not path.exists():
@@ -77,16 +94,7 @@ def read_nwpu(root: str | Path, split: str = "train") -> tuple[list[Record], lis
         if not ann.exists():
             problems.append(Problem(str(img), f"image without annotation file (expected {ann})", record=img.name))
             continue
-        try:
-            gt = read_points_json(ann)
-        except DataError as exc:
-            problems.append(Problem(str(ann), str(exc).partition(": ")[2], record=img.name))
-            continue
-        if gt["human_num"] is not None:
-            p = check_count(gt["human_num"], gt["points"], ann, "human_num")
-            if p is not None:
-                p.record = img.name
-                problems.append(p)
-                continue
-        records.append(Record(img.name, img, gt["points"], gt["boxes"], ann_path=ann))
+        record = points_json_record(img, ann, problems)
+        if record is not None:
+            records.append(record)
     return records, problems
