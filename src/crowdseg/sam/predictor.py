@@ -11,8 +11,9 @@ Differences from `segment_anything.SamPredictor` (same model, same weights):
   hypernetwork product are pixel-local, so a window of the upsampled logits is *exactly* the same
   window of SAM's full 256x256 low-resolution logits, at a fraction of the cost and memory. No
   full-resolution mask is ever built here; callers sample the window at the pixels they need.
-- Without a mask prompt, the image side of the transformer's first layer is the same for every
-  prompt and is computed once (`two_way_shared_image`), not once per prompt.
+- The two-way transformer runs through our own forward with the model's weights
+  (`two_way_transformer`): without a mask prompt the image side of its first layer is the same
+  for every prompt and is computed once, and attention uses `scaled_dot_product_attention`.
 
 The caller chunks prompts (`prompt_chunk`) so the memory of one `decode` call is bounded:
 the transformer holds a copy of the image embedding per prompt.
@@ -24,7 +25,6 @@ logit grid, `input_size / 4` a side; embedding cells are `patch` input pixels (1
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -114,10 +114,9 @@ class BatchedSamPredictor:
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens[None].expand(b, -1, -1), sparse], dim=1)
         pos = model.prompt_encoder.get_dense_pe()
-        if mask_input is None:      # the dense prompt is the same "no mask" embedding for every prompt
-            hs, src = two_way_shared_image(dec.transformer, embedding.features + dense[:1], pos, tokens)
-        else:
-            hs, src = dec.transformer(embedding.features + dense, pos.expand(b, -1, -1, -1), tokens)
+        # without a mask prompt the dense prompt is the same "no mask" embedding for every prompt
+        image = embedding.features + (dense if mask_input is not None else dense[:1])
+        hs, src = two_way_transformer(dec.transformer, image, pos, tokens)
         iou = dec.iou_prediction_head(hs[:, 0, :])
         mask_tokens = hs[:, 1:1 + dec.num_mask_tokens, :]
 
@@ -138,39 +137,41 @@ class BatchedSamPredictor:
         return logits[:, keep], iou[:, keep]
 
 
-def two_way_shared_image(transformer: nn.Module, image: torch.Tensor, image_pe: torch.Tensor,
-                         tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's `TwoWayTransformer.forward` for B prompts on one image, sharing the image-side work.
 
-    image, image_pe: (1, C, h, w), the same for every prompt (no mask prompt); tokens: (B, T, C).
-    Returns (queries (B, T, C), keys (B, h*w, C)) as the original. Before the first layer updates
-    the image tokens they are the same for all prompts, so the first layer's token-to-image keys
-    and values and its image-to-token queries are projected once instead of B times.
+def two_way_transformer(transformer: nn.Module, image: torch.Tensor, image_pe: torch.Tensor,
+                        tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's `TwoWayTransformer.forward` with its own weights, for B prompts of one image.
+
+    image: (1, C, h, w) when all prompts share it (no mask prompt) or (B, C, h, w); image_pe:
+    (1, C, h, w); tokens: (B, T, C). Returns (queries (B, T, C), keys (B, h*w, C)) as the original,
+    up to float rounding. Two differences in how, not what: with a shared image, the first
+    layer's image-side projections (token-to-image keys and values, image-to-token queries) are
+    computed once instead of once per prompt; and attention runs through
+    `scaled_dot_product_attention` (no materialised attention matrix, no head reshuffling copies).
     """
-    keys0 = image.flatten(2).permute(0, 2, 1)                     # (1, HW, C)
+    keys = image.flatten(2).permute(0, 2, 1)                      # (1 or B, HW, C)
     key_pe = image_pe.flatten(2).permute(0, 2, 1)
-    first = transformer.layers[0]
-    if not first.skip_first_layer_pe:
-        raise ValueError("expected SAM's TwoWayTransformer (first layer without query PE)")
-    queries = first.norm1(first.self_attn(q=tokens, k=tokens, v=tokens))
-    a = first.cross_attn_token_to_image
-    out = _attend(a, a.q_proj(queries + tokens), a.k_proj(keys0 + key_pe), a.v_proj(keys0))
-    queries = first.norm2(queries + out)
-    queries = first.norm3(queries + first.mlp(queries))
-    a = first.cross_attn_image_to_token
-    out = _attend(a, a.q_proj(keys0 + key_pe), a.k_proj(queries + tokens), a.v_proj(queries))
-    keys = first.norm4(keys0 + out)                               # (B, HW, C): prompts diverge here
-    for layer in transformer.layers[1:]:
-        queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
-    out = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + key_pe, v=keys)
-    queries = transformer.norm_final_attn(queries + out)
-    return queries, keys
+    queries = tokens
+    for i, layer in enumerate(transformer.layers):
+        if i == 0 and layer.skip_first_layer_pe:
+            queries = layer.norm1(_attention(layer.self_attn, queries, queries, queries))
+        else:
+            q = queries + tokens
+            queries = layer.norm1(queries + _attention(layer.self_attn, q, q, queries))
+        k = keys + key_pe
+        queries = layer.norm2(queries + _attention(layer.cross_attn_token_to_image, queries + tokens, k, keys))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        keys = layer.norm4(keys + _attention(layer.cross_attn_image_to_token, k, queries + tokens, queries))
+    out = _attention(transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys)
+    return transformer.norm_final_attn(queries + out), keys
 
 
-def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """segment-anything `Attention.forward` after the input projections; q, k, v may broadcast over B."""
+def _attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """segment-anything `Attention.forward` (q, k, v: (B or 1, N, C), broadcast over the batch)."""
     heads = attn.num_heads
-    q, k, v = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (q, k, v))   # (B, heads, N, c)
-    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-    out = (weights @ v).transpose(1, 2).flatten(2)
-    return attn.out_proj(out)
+    q, k, v = (x.unflatten(-1, (heads, -1)).transpose(1, 2)
+               for x in (attn.q_proj(q), attn.k_proj(k), attn.v_proj(v)))          # (B, heads, N, c)
+    batch = max(q.shape[0], k.shape[0])
+    q, k, v = (x.expand(batch, -1, -1, -1) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)                 # softmax(q k^T / sqrt(c)) v
+    return attn.out_proj(out.transpose(1, 2).flatten(2))
