@@ -162,8 +162,8 @@ def memory_worker(args) -> None:
     rgb, points = load_image(args.image)
     model = build_sam(args.worker_model, device=args.device)
     predictor = BatchedSamPredictor(model, args.chunk)
-    warm_up(predictor)
     base_rss = peak_rss_mb()
+    warm_up(predictor)
     limit = args.memory_tiles
 
     class Stop(Exception):
