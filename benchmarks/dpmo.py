@@ -193,7 +193,21 @@ def memory_worker(args) -> None:
            "cuda_max_allocated_mb": (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None)}
     if report is not None:
         out.update(tiles=report["tiles"], timings=report["timings"])
+    out["tiles_with_points"] = count_tiles(rgb.shape[:2], points, predictor.input_size, DpmoConfig())
     print(json.dumps(out))
+
+
+def count_tiles(image_hw, points, input_size: int, cfg: DpmoConfig) -> int:
+    """How many tiles of the default plan own at least one point (= encoder passes of a full run)."""
+    from crowdseg.dpmo import assign_points, nearest_neighbour_distances, plan_tiles, tile_scale
+    from crowdseg.dpmo.tiles import auto_overlap
+    radii = nnec_radii(points, image_hw, cfg.radius_factor, cfg.r_min, cfg.r_max, cfg.lone_radius)
+    scale = tile_scale(image_hw, input_size, float(np.median(nearest_neighbour_distances(points))),
+                       cfg.target_nn_px, cfg.max_scale)
+    tiles, _ = plan_tiles(image_hw, input_size, scale, auto_overlap(radii))
+    rows = np.clip(np.round(points[:, 1]).astype(int), 0, image_hw[0] - 1)
+    cols = np.clip(np.round(points[:, 0]).astype(int), 0, image_hw[1] - 1)
+    return len(set(assign_points(tiles, rows, cols).tolist()))
 
 
 def memory_run(args, model_type: str) -> dict:
@@ -307,7 +321,7 @@ def print_table(results: dict) -> None:
             mem = e["memory"]
             print(f"{name}: memory run on {mem['points']} heads: peak RSS {mem['peak_rss_mb']:.0f} MB "
                   f"(after model load {mem['rss_after_model_mb']:.0f} MB), {mem['tiles_encoded']} tiles encoded"
-                  + (" (stopped early)" if mem["stopped_early"] else "")
+                  + (f" of {mem['tiles_with_points']} (stopped early)" if mem["stopped_early"] else "")
                   + (f", CUDA max allocated {mem['cuda_max_allocated_mb']:.0f} MB" if mem["cuda_max_allocated_mb"] else ""))
 
 
