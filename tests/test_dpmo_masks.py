@@ -119,7 +119,7 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_outputs(tmp_path):
-    images = 3
+    images = 4
     heavy = ("data.synthetic.min_people=30", "data.synthetic.max_people=40", "dpmo.overlays=true")
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen(_masks_command(killed_dir, images, *heavy), cwd=ROOT, env=_env(),

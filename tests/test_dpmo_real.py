@@ -66,7 +66,6 @@ def test_tiny_sam_on_cityuhk(shared_data, tiny_predictor, name, variant, overlap
     assert report["decoder_passes"] >= (2 if variant == "edp_sam" else 1) * report["tiles_encoded"]
 
 
-@pytest.mark.slow
 def test_tiny_sam_on_shanghaitech_a_tiled(shared_data, tiny_predictor):
     image, points = load(shared_data, "sha", "shanghaitech_A_samples", "IMG_167.jpg")
     assert len(points) == 271
