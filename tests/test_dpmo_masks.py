@@ -85,6 +85,34 @@ def test_masks_outputs_match_the_points_and_a_rerun_skips(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_masks_of_real_images_load_back_as_instance_maps(tmp_path, shared_data):
+    """CityUHK-X images through `crowdseg masks`, then read back by the dataset as `instance_map`."""
+    source = shared_data / "cityuhkx_bev_cclabeler_json"
+    root = tmp_path / "city"
+    for stem in ("scene_001_1", "scene_041_2", "scene_026_2"):
+        for folder, suffix in (("images", ".jpg"), ("jsons", ".json")):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            (root / folder / f"{stem}{suffix}").symlink_to(source / folder / f"{stem}{suffix}")
+    data = ["data.name=cclabeler", f"data.root={root}", "dpmo.split=all",
+            f"data.masks_dir={tmp_path / 'runs' / 'masks_elsewhere'}"]     # ignored while making masks
+    cfg = load_config(EXPERIMENT, overrides(tmp_path, 1, *data))
+    result = run_masks(cfg)
+    assert result["images"] == 3 and result["written"] == 3
+    out = Path(result["out_dir"])
+    reread = load_config(EXPERIMENT, overrides(tmp_path, 1, "data.name=cclabeler", f"data.root={root}",
+                                               f"data.masks_dir={out.parent}/{{split}}"))
+    dataset = build_dataset(reread, "all")
+    assert len(dataset) == 3
+    for i in range(3):
+        sample = dataset[i]
+        instance_map = sample["instance_map"].numpy()
+        np.testing.assert_array_equal(instance_map, read_id_map(out / f"{Path(sample['meta']['name']).stem}.png"))
+        points = sample["points"].numpy()
+        rows, cols = np.round(points[:, 1]).astype(int), np.round(points[:, 0]).astype(int)
+        assert (instance_map[rows, cols] == np.arange(1, len(points) + 1)).all()
+        assert instance_map.shape == (384, 512)
+
+
 def test_real_sam_types_need_a_checkpoint(tmp_path):
     cfg = load_config(EXPERIMENT, overrides(tmp_path, 1, "sam.model_type=vit_b"))
     with pytest.raises(ConfigError, match=r"key 'sam.checkpoint': model type vit_b needs a local checkpoint"):

@@ -179,7 +179,8 @@ def run_masks(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"key 'dpmo.out_dir': cannot create {out_dir} ({err.strerror})") from None
     if is_global_zero():
         remove_stale_temp_files(out_dir)
-    dataset = build_dataset(cfg, cfg.dpmo.split)
+    # the masks are being made: read the images and points only, never attach existing masks
+    dataset = build_dataset(OmegaConf.merge(cfg, {"data": {"masks_dir": None}}), cfg.dpmo.split)
     model = build_predictor_model(cfg)
     dpmo = OmegaConf.create(OmegaConf.to_container(cfg.dpmo, resolve=True))
     module = MaskGenerator(model, dpmo, cfg.sam.prompt_chunk, out_dir, keep_images=cfg.dpmo.overlays)
