@@ -12,7 +12,7 @@ from datamodules.cache import PreprocessCache, cache_params
 from datamodules.loading import RawSample, load_record, to_sample
 from datamodules.readers import READERS
 from datamodules.readers.common import Problem, Record
-from datamodules.readers.idmaps import find_id_map
+from datamodules.readers.idmaps import find_id_map, mask_stem
 from datamodules.validation import apply_policy, validate
 
 Transform = Callable[[RawSample], dict]
@@ -121,9 +121,9 @@ def _attach_masks(records: list[Record], masks_dir: Path) -> list[Problem]:
         raise DataError(f"{masks_dir}: instance mask folder not found")
     problems = []
     for r in records:
-        found = find_id_map(masks_dir, Path(r.name).stem)
+        found = find_id_map(masks_dir, mask_stem(r.name))
         if found is None:
-            problems.append(Problem(str(masks_dir / f"{Path(r.name).stem}.png"),
+            problems.append(Problem(str(masks_dir / f"{mask_stem(r.name)}.png"),
                                     f"no instance map for image {r.name} (.png or .npy)", record=r.name))
         else:
             r.mask_path = found

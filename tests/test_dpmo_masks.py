@@ -14,9 +14,10 @@ import pytest
 
 from crowdseg.config import load_config
 from crowdseg.data import build_dataset
-from crowdseg.dpmo.writer import masks_dir, run_masks
-from crowdseg.errors import ConfigError
+from crowdseg.dpmo.writer import check_unique_stems, masks_dir, run_masks
+from crowdseg.errors import ConfigError, DataError
 from datamodules.readers.idmaps import read_id_map
+from data_fixtures import make_jhu
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "experiments" / "dpmo" / "synthetic.yaml"
@@ -111,6 +112,25 @@ def test_masks_of_real_images_load_back_as_instance_maps(tmp_path, shared_data):
         rows, cols = np.round(points[:, 1]).astype(int), np.round(points[:, 0]).astype(int)
         assert (instance_map[rows, cols] == np.arange(1, len(points) + 1)).all()
         assert instance_map.shape == (384, 512)
+
+
+def test_joined_splits_get_one_mask_file_per_image(tmp_path):
+    """JHU "train+val" has train/0001.jpg and val/0001.jpg: two mask files, each read back by its image."""
+    root = make_jhu(tmp_path / "jhu")
+    data = ["data.name=jhu", f"data.root={root}", "dpmo.split=train+val"]
+    result = run_masks(load_config(EXPERIMENT, overrides(tmp_path, 1, *data)))
+    out = Path(result["out_dir"])
+    assert result["written"] == 3
+    assert sorted(p.name for p in out.glob("*.png")) == ["train__0001.png", "train__0002.png", "val__0001.png"]
+    dataset = build_dataset(load_config(EXPERIMENT, overrides(tmp_path, 1, *data, f"data.masks_dir={out}")), "train+val")
+    counts = {dataset[i]["meta"]["name"]: int(dataset[i]["instance_map"].max()) for i in range(len(dataset))}
+    assert counts == {"train/0001.jpg": 2, "train/0002.jpg": 0, "val/0001.jpg": 1}
+
+
+def test_images_sharing_a_mask_file_are_refused():
+    with pytest.raises(DataError, match=r"'crowd\.jpg' and 'crowd\.png' would both write .*crowd\.png"):
+        check_unique_stems(["crowd.jpg", "other.jpg", "crowd.png"], Path("masks"))
+    check_unique_stems(["train/0001.jpg", "val/0001.jpg"], Path("masks"))
 
 
 def test_real_sam_types_need_a_checkpoint(tmp_path):

@@ -1,7 +1,7 @@
 """Instance-id maps on disk: 16-bit PNG (written by `crowdseg masks`) and XMask's `.npy`.
 
 An id map is (H, W) integer: 0 background, k the instance of point k - 1 (datamodules/types.py).
-PNG maps are named after the image (`<image stem>.png`) and written atomically.
+PNG maps are named after the image (`mask_stem`: `<image stem>.png`) and written atomically.
 """
 from __future__ import annotations
 
@@ -78,6 +78,15 @@ def id_map_size(path: str | os.PathLike) -> tuple[int, int]:
         raise DataError(f"{path}: instance map not found") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable instance map ({exc})") from None
+
+
+def mask_stem(image_name: str) -> str:
+    """The id-map file stem of an image: its name without the suffix, folders joined by "__".
+
+    Names carry a folder only where ids repeat across folders (JHU's "train+val": "val/0003.jpg"
+    -> "val__0003"), so those images still get one mask file each.
+    """
+    return "__".join(Path(str(image_name)).with_suffix("").parts)
 
 
 def find_id_map(masks_dir: Path, stem: str) -> Path | None:

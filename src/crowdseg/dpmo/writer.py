@@ -36,7 +36,7 @@ from crowdseg.errors import ConfigError, DataError
 from crowdseg.io import atomic_path, write_json_atomic
 from crowdseg.sam.build import CHECKPOINT_SOURCES, build_sam
 from crowdseg.sam.predictor import BatchedSamPredictor
-from datamodules.readers.idmaps import MAX_PNG_ID, write_id_map_png
+from datamodules.readers.idmaps import MAX_PNG_ID, mask_stem, write_id_map_png
 from datamodules.types import collate_samples
 
 
@@ -53,7 +53,18 @@ def is_done(out_dir: Path, stem: str) -> bool:
 
 def image_stem(meta: dict, index: int) -> str:
     name = meta.get("name") if isinstance(meta, dict) else None
-    return Path(str(name)).stem if name else f"{index:06d}"
+    return mask_stem(name) if name else f"{index:06d}"
+
+
+def check_unique_stems(names: list[str], out_dir: Path) -> None:
+    """Two images of one run must not share a mask file (e.g. `a.jpg` and `a.png`)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        stem = mask_stem(name)
+        if stem in seen:
+            raise DataError(f"images {seen[stem]!r} and {name!r} would both write {out_dir / stem}.png; "
+                            "rename one of them or generate their masks in separate runs")
+        seen[stem] = name
 
 
 def build_predictor_model(cfg: DictConfig) -> nn.Module:
@@ -181,6 +192,7 @@ def run_masks(cfg: DictConfig) -> dict[str, Any]:
         remove_stale_temp_files(out_dir)
     # the masks are being made: read the images and points only, never attach existing masks
     dataset = build_dataset(OmegaConf.merge(cfg, {"data": {"masks_dir": None}}), cfg.dpmo.split)
+    check_unique_stems([r.name for r in getattr(dataset, "records", [])], out_dir)
     model = build_predictor_model(cfg)
     dpmo = OmegaConf.create(OmegaConf.to_container(cfg.dpmo, resolve=True))
     module = MaskGenerator(model, dpmo, cfg.sam.prompt_chunk, out_dir, keep_images=cfg.dpmo.overlays)
