@@ -70,9 +70,12 @@ def test_tiny_sam_on_shanghaitech_a_tiled(shared_data, tiny_predictor):
     image, points = load(shared_data, "sha", "shanghaitech_A_samples", "IMG_167.jpg")
     assert len(points) == 271
     cfg = DpmoConfig(radius_factor=0.5, box_prompt=True, target_nn_px=16.0, max_scale=2.0)
-    id_map, report = generate_instance_map(tiny_predictor, image, points, cfg)
+    finished = []                                                       # the per-chunk progress calls
+    id_map, report = generate_instance_map(tiny_predictor, image, points, cfg, on_progress=finished.append)
     check_instance_map(id_map, points, cfg, report)
     assert report["tiles"] > 1 and report["tiles_encoded"] > 1
+    assert sum(finished) == 271 and len(finished) >= report["tiles_encoded"]
+    assert max(finished) <= tiny_predictor.prompt_chunk
     assert report["timings"]["total_s"] >= report["timings"]["encoder_s"] + report["timings"]["decoder_s"]
 
 

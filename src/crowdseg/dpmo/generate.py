@@ -19,7 +19,8 @@ points); nothing of size N x H x W is ever allocated.
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -71,12 +72,14 @@ class _Clock:
 
 
 @torch.inference_mode()
-def generate_instance_map(predictor: BatchedSamPredictor, image: torch.Tensor, points: Any, cfg: Any
+def generate_instance_map(predictor: BatchedSamPredictor, image: torch.Tensor, points: Any, cfg: Any,
+                          on_progress: Optional[Callable[[int], object]] = None,
                           ) -> tuple[np.ndarray, dict[str, Any]]:
     """Exclusive instance id map of `image` from its `points`.
 
     image: (3, H, W) float RGB in [0, 1]; points: (N, 2) xy in pixels (tensor or array);
-    cfg: the `dpmo` config section (DpmoConfig or its DictConfig).
+    cfg: the `dpmo` config section (DpmoConfig or its DictConfig); on_progress: called with the
+    number of points just finished after every prompt chunk (e.g. a progress bar's `update`).
     Returns the id map (H, W) uint16 (int32 beyond 65535 points; 0 = background, k = point k-1)
     and a report: counts (instances, empty fallbacks, ...), tiling, timings.
     """
@@ -131,6 +134,8 @@ def generate_instance_map(predictor: BatchedSamPredictor, image: torch.Tensor, p
             priority = sampled if cfg.overlap == "logit" else -pix.dist2
             ids = torch.from_numpy(index + 1).to(device)[:, None, None].expand_as(claim)
             claim_pixels(best, owner, pix.flat[claim], priority[claim], ids[claim])
+            if on_progress is not None:
+                on_progress(len(index))
 
     clock("post_s")
     id_map, counts = finalize_instances(owner.view(h, w).cpu().numpy(), pts, radii, cfg.fallback_radius_factor)

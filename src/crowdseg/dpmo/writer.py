@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from crowdseg.dpmo.generate import check_dpmo_config, generate_instance_map
 from crowdseg.errors import ConfigError, DataError
@@ -92,7 +93,9 @@ class MaskGenerator(L.LightningModule):
         predictor = BatchedSamPredictor(self.sam, self.prompt_chunk)
         results = []
         for i, meta in enumerate(batch["meta"]):
+            meta = meta if isinstance(meta, dict) else {}
             stem = image_stem(meta, batch_idx)
+            name = meta.get("name", stem)
             if is_done(self.out_dir, stem):
                 results.append({"stem": stem, "skipped": True})
                 continue
@@ -100,19 +103,24 @@ class MaskGenerator(L.LightningModule):
             image = batch["image"][i, :, :h, :w]
             points = batch["points"][i]
             if len(points) > MAX_PNG_ID:
-                raise DataError(f"{meta.get('name', stem)}: {len(points)} points do not fit a 16-bit id map "
-                                f"(at most {MAX_PNG_ID})")
-            id_map, report = generate_instance_map(predictor, image, points, self.dpmo)
-            orig = tuple(int(v) for v in meta.get("orig_size", (h, w))) if isinstance(meta, dict) else (h, w)
+                raise DataError(f"{name}: {len(points)} points do not fit a 16-bit id map (at most {MAX_PNG_ID})")
+            with tqdm(total=len(points), desc=f"heads of {name}", unit="head", leave=False,
+                      disable=not self._show_heads()) as bar:
+                id_map, report = generate_instance_map(predictor, image, points, self.dpmo, on_progress=bar.update)
+            orig = tuple(int(v) for v in meta.get("orig_size", (h, w)))
             if orig != (h, w):
                 id_map = cv2.resize(id_map, (orig[1], orig[0]), interpolation=cv2.INTER_NEAREST)
                 report["resized_to"] = list(orig)
-            report.update(name=meta.get("name", stem) if isinstance(meta, dict) else stem,
-                          dataset=meta.get("dataset") if isinstance(meta, dict) else None)
+            report.update(name=name, dataset=meta.get("dataset"))
             results.append({"stem": stem, "id_map": id_map, "report": report,
                             "image": image.cpu() if self.keep_images else None,
                             "points": points.cpu() if self.keep_images else None})
         return results
+
+    def _show_heads(self) -> bool:
+        """A second bar over the heads of the current image (a dense image can take minutes)."""
+        trainer = self._trainer
+        return trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
 
 
 class MaskWriter(BasePredictionWriter):
