@@ -17,7 +17,12 @@ For each SAM model (`tiny`, and `vit_b` randomly initialised: the same cost as t
 2. growth: total time at 250 / 500 / 1000 / 2000 / 4000 points (the n points nearest to the
    crowd's median, so head sizes stay those of the image; tiling off so the encoder work is
    constant).
-3. the default settings (tiling on) on the whole 4,633-head image; for vit_b in a child process
+3. decoder: the decoder alone on a random embedding, per prompt, by prompt batch size (1, 16, 64):
+   our windowed `decode` in float32, under bfloat16 autocast, and with its two-way transformer
+   compiled by `torch.compile` (fused elementwise work), against SAM's own prompt encoder + mask
+   decoder one prompt at a time. This shows where batching pays: on a GPU one B = 1 decode is
+   latency-bound; on a CPU it is already bound by the work per prompt.
+4. the default settings (tiling on) on the whole 4,633-head image; for vit_b in a child process
    that reports its peak RSS (and `torch.cuda.max_memory_allocated` on CUDA). `--memory-tiles K`
    stops that run after K encoded tiles (the per-tile work is the same in every tile, so the peak
    is that of the whole run; 0 runs it all).
@@ -108,6 +113,59 @@ def sam_decoder_pass(model, rgb, points, cfg, chunk: int) -> float:
         model.mask_decoder(image_embeddings=features, image_pe=model.prompt_encoder.get_dense_pe(),
                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
     return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def decoder_scaling(model, device: str, batch_sizes=(1, 16, 64), prompts: int = 64, repeats: int = 2) -> dict:
+    """Milliseconds per prompt of the decoder alone (random embedding, 1 positive + 3 negative points)."""
+    from crowdseg.sam import predictor as predictor_module
+    gen = torch.Generator().manual_seed(0)
+    pe = model.prompt_encoder
+    features = torch.randn(1, pe.embed_dim, *pe.image_embedding_size, generator=gen).to(device)
+    embedding = predictor_module.ImageEmbedding(features, (pe.input_image_size[0],) * 2)
+    coords = (torch.rand(prompts, 4, 2, generator=gen) * pe.input_image_size[0]).to(device)
+    labels = torch.tensor([[1, 0, 0, 0]] * prompts, device=device)
+    origins = (coords[:, 0].flip(-1) / (pe.input_image_size[0] // pe.image_embedding_size[0])).long() - 1
+    predictor = BatchedSamPredictor(model)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def per_prompt_ms(run_chunk, chunk: int, autocast: bool = False) -> float:
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
+            run_chunk(slice(0, chunk))                                 # warm-up (and compilation)
+            best = float("inf")
+            for _ in range(repeats):
+                sync()
+                start = time.perf_counter()
+                for s in range(0, prompts, chunk):
+                    run_chunk(slice(s, s + chunk))
+                sync()
+                best = min(best, time.perf_counter() - start)
+        return 1000 * best / prompts
+
+    def ours(index):
+        predictor.decode(embedding, coords[index], labels[index], origins[index], cells=4)
+
+    def sams_own(index):
+        sparse, dense = pe(points=(coords[index], labels[index]), boxes=None, masks=None)
+        model.mask_decoder(image_embeddings=features, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
+                           dense_prompt_embeddings=dense, multimask_output=True)
+
+    result = {"prompts": prompts, "sam_decoder_b1_ms": per_prompt_ms(sams_own, 1), "ours_ms": {}, "ours_bf16_ms": {},
+              "ours_compiled_ms": {}}
+    for b in batch_sizes:
+        result["ours_ms"][b] = per_prompt_ms(ours, b)
+        result["ours_bf16_ms"][b] = per_prompt_ms(ours, b, autocast=True)
+    eager = predictor_module.two_way_transformer
+    predictor_module.two_way_transformer = torch.compile(eager, dynamic=False)
+    try:
+        for b in batch_sizes:
+            result["ours_compiled_ms"][b] = per_prompt_ms(ours, b)
+    finally:
+        predictor_module.two_way_transformer = eager
+    return result
 
 
 def naive(model, rgb, points, cfg, k: int) -> dict:
@@ -232,8 +290,9 @@ def main() -> None:
     parser.add_argument("--vitb-growth", default="250,500", help="point counts (vit_b)")
     parser.add_argument("--memory-tiles", type=int, default=2, help="vit_b memory run: stop after K tiles (0: all)")
     parser.add_argument("--repeats", type=int, default=2, help="same-work batched and floor runs: best of")
-    parser.add_argument("--sections", default="same,growth,default",
-                        help="same (batched vs floor vs naive), growth, default (tiled run / vit_b memory run)")
+    parser.add_argument("--sections", default="same,growth,decoder,default",
+                        help="same (batched vs floor vs naive), growth, decoder (per-prompt decoder cost by batch "
+                             "size), default (tiled run / vit_b memory run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dpmo.json"))
     parser.add_argument("--worker-model", default=None, help=argparse.SUPPRESS)
@@ -277,6 +336,9 @@ def main() -> None:
             g = batched(predictor, rgb, subset(points, n), cfg_single)
             growth.append({**g, "per_point_ms": 1000 * (g["total_s"] - g["encoder_s"]) / g["points"]})
         entry["growth"] = growth
+        if "decoder" in sections:
+            print(f"[{model_type}] decoder per prompt by batch size ...", flush=True)
+            entry["decoder"] = decoder_scaling(model, args.device)
         if "default" not in sections:
             pass
         elif model_type == "tiny":
@@ -314,6 +376,15 @@ def print_table(results: dict) -> None:
     for name, e in results["models"].items():
         for g in e["growth"]:
             print(f"{name:6} {g['points']:>6} {g['total_s']:>8.2f} {g['encoder_s']:>9.2f} {g['per_point_ms']:>25.2f}")
+    print(f"\n{'model':6} {'decoder ms per prompt':<28} {'B=1':>7} {'B=16':>7} {'B=64':>7}")
+    for name, e in results["models"].items():
+        if "decoder" not in e:
+            continue
+        d = e["decoder"]
+        print(f"{name:6} {'SAM mask_decoder, B=1':<28} {d['sam_decoder_b1_ms']:>7.2f}")
+        for label, key in (("ours, float32", "ours_ms"), ("ours, bf16 autocast", "ours_bf16_ms"),
+                           ("ours, torch.compile", "ours_compiled_ms")):
+            print(f"{name:6} {label:<28} " + " ".join(f"{v:>7.2f}" for v in d[key].values()))
     for name, e in results["models"].items():
         if "tiled_all_points" in e:
             t = e["tiled_all_points"]
