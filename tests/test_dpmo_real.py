@@ -90,6 +90,19 @@ def test_edp_sam_disc_prompt_is_one_pass(shared_data, tiny_predictor):
     assert two_pass["decoder_passes"] == 2 * chunks
 
 
+@pytest.mark.parametrize("variant", ["dpmo", "edp_sam"])
+def test_bfloat16_autocast_keeps_the_guarantees(shared_data, tiny_predictor, variant):
+    """What `trainer.precision=bf16-mixed` does to `crowdseg masks`: same structure, nearly the same map."""
+    image, points = load(shared_data, "cclabeler", CITY, "scene_041_2.jpg")
+    cfg = DpmoConfig(variant=variant)
+    full, _ = generate_instance_map(tiny_predictor, image, points, cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half, report = generate_instance_map(tiny_predictor, image, points, cfg)
+    check_instance_map(half, points, cfg, report)
+    foreground = (full > 0) | (half > 0)
+    assert (full[foreground] == half[foreground]).mean() > 0.97
+
+
 class ColourPredictor:
     """A stand-in for SAM with the same interface whose logits depend only on local image content.
 

@@ -101,7 +101,7 @@ def exclusion_mask_prompt(inside: torch.Tensor, origins: torch.Tensor, low_res: 
     b, s, _ = inside.shape
     device = inside.device
     values = torch.full((b, s, s), float(magnitude), device=device) if window_logits is None \
-        else window_logits.clamp(-magnitude, magnitude)
+        else window_logits.float().clamp(-magnitude, magnitude)       # float32 also under autocast
     values = torch.where(inside, values, torch.full_like(values, -magnitude))
     prompt = torch.full((b, 1, low_res, low_res), -float(magnitude), device=device)
     start = origins.to(device) * 4
