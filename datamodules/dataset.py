@@ -67,7 +67,7 @@ def build_dataset(name: str, root: str | None, split: str, *, transform: Transfo
 
     on_bad_annotation: fail | skip | drop (datamodules/validation.py). max_size: resize so the long
     side is at most this. cache_dir: build / reuse the preprocessing cache there (with
-    `num_workers` processes). masks_dir: instance-id maps named `<image stem>.png|.npy`.
+    `num_workers` processes). masks_dir: instance-id maps named `<mask_stem(name)>.png|.npy`.
     names / exclude_names: keep only / leave out these image file names. reader_options go to
     the reader (e.g. `box_type` for CrowdHuman, `image_dir` for CIS and CrowdHuman).
     """

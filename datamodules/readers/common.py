@@ -52,10 +52,6 @@ class Record:
     id_remap: np.ndarray | None = None
 
     @property
-    def stem(self) -> str:
-        return Path(self.name).stem
-
-    @property
     def source(self) -> str:
         """The file to name in messages about this record's annotation."""
         return str(self.ann_path or self.image_path or self.name)
