@@ -56,6 +56,18 @@ def test_fast_dev_run_makes_one_grpo_update_of_the_scorer_only(rps_overrides):
     assert float(logged["train/policy_updates"]) == 1.0
 
 
+def test_bf16_mixed_grpo_step(rps_overrides):
+    """`trainer.precision=bf16-mixed`, the usual GPU setting, runs the whole GRPO step (CPU autocast here)."""
+    cfg = load_config(EXPERIMENT, rps_overrides + ["rps.train_proposer=false", "rps.ppo_epochs=1", "trainer.fast_dev_run=true",
+                                                   "trainer.precision=bf16-mixed"])
+    path = prepare_run_dir(cfg)
+    job = build_job(cfg, path)
+    scorer = _state(job.module.scorer)
+    build_trainer(cfg, path, job).fit(job.module, datamodule=job.datamodule)
+    assert job.module.counters["policy_updates"] == 1 and not _same(_state(job.module.scorer), scorer)
+    assert torch.isfinite(job.module.trainer.callback_metrics["train/reward_mean"])
+
+
 class _Probe(L.Callback):
     """Records the module's policy, reference and counters when training starts (after any restore)."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crowdseg.cli import main
+from crowdseg.cli import _report, main
 from crowdseg.config import load_config
 from crowdseg.train import evaluate, train
 
@@ -24,6 +24,20 @@ def test_fast_dev_run(tiny_overrides):
     result = train(cfg)
     assert result["global_step"] == 1
     assert "train/loss" in result and torch.isfinite(torch.tensor(result["train/loss"]))
+
+
+def test_fast_dev_run_bf16_mixed(tiny_overrides):
+    cfg = load_config(EXPERIMENT, tiny_overrides + ["trainer.fast_dev_run=true", "trainer.precision=bf16-mixed"])
+    result = train(cfg)
+    assert result["global_step"] == 1 and torch.isfinite(torch.tensor(result["train/loss"]))
+
+
+@pytest.mark.parametrize("mae,words", [(7.0, "(75% lower)"), (56.0, "(100% higher)")])
+def test_report_compares_with_the_mean_baseline(capsys, mae, words):
+    _report({"val/mae": mae, "val/mae_mean_baseline": 28.0, "run_dir": "runs/x"})
+    out = capsys.readouterr().out
+    assert "run_dir: runs/x" in out and out.rstrip().endswith(
+        f"validation MAE {mae:.2f} vs. 28.00 for always predicting the training mean count {words}")
 
 
 def test_fit_then_test_writes_run_directory(tiny_overrides):

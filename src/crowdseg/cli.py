@@ -90,8 +90,8 @@ def _report(result: dict) -> None:
         print(json.dumps(metrics, indent=2, sort_keys=True))
     if "val/mae" in metrics and "val/mae_mean_baseline" in metrics:
         mae, base = metrics["val/mae"], metrics["val/mae_mean_baseline"]
-        print(f"validation MAE {mae:.2f} vs. {base:.2f} for always predicting the training mean count"
-              + (f" ({100 * (1 - mae / base):.0f}% lower)" if base > 0 else ""))
+        change = f" ({abs(100 * (1 - mae / base)):.0f}% {'lower' if mae <= base else 'higher'})" if base > 0 else ""
+        print(f"validation MAE {mae:.2f} vs. {base:.2f} for always predicting the training mean count{change}")
 
 
 def _is_rank_zero() -> bool:

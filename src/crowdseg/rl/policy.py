@@ -37,7 +37,7 @@ def sample_features(features: Tensor, positions: Tensor, stride: int,
         rows = batch_index == image
         sampled = F.grid_sample(features[image:image + 1], grid[rows][None], mode="bilinear",
                                 padding_mode="border", align_corners=False)
-        out[rows] = sampled[0].permute(1, 2, 0)
+        out[rows] = sampled[0].permute(1, 2, 0).to(out.dtype)      # grid_sample is float32 under autocast
     return out
 
 
