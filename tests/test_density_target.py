@@ -9,7 +9,7 @@ from crowdseg.losses.density import (DensityLoss, density_point_logits, density_
                                       gaussian_cell_mass, gaussian_density_target)
 from crowdseg.models.backbone import create_backbone
 from crowdseg.models.density import DensityCounter, density_count_in_region
-from crowdseg.vis import density_overlay, picture_slots
+from crowdseg.vis import CAPTION_HEIGHT, density_overlay, picture_slots
 
 
 def _phi(x: float) -> float:
@@ -98,9 +98,10 @@ def test_picture_helpers():
     density = torch.zeros(4, 5)
     density[1, 2] = 2.0
     picture = density_overlay(torch.zeros(3, 32, 40), density, torch.tensor([[4.0, 28.0]]))
-    assert picture.shape == (32 + 18, 40, 3) and picture.dtype == np.uint8
+    f = 13                                      # enlarged for display: 40 px x 13 = 520 >= 512
+    assert picture.shape == (32 * f + CAPTION_HEIGHT, 40 * f, 3) and picture.dtype == np.uint8
     # the hot cell (row 1, col 2: pixels y 8-15, x 16-23) is red in the jet map, the empty cell
     # (0, 0) blue; the GT dot green
-    assert picture[4, 4, 2] > picture[4, 4, 0]
-    assert picture[12, 20, 0] > picture[12, 20, 2]
-    assert tuple(picture[28, 4]) == (0, 255, 0)
+    assert picture[4 * f, 4 * f, 2] > picture[4 * f, 4 * f, 0]
+    assert picture[12 * f, 20 * f, 0] > picture[12 * f, 20 * f, 2]
+    assert tuple(picture[28 * f, 4 * f]) == (0, 255, 0)

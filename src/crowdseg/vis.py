@@ -11,11 +11,22 @@ from crowdseg.io import atomic_path
 
 GT_COLOR = (0, 255, 0)      # RGB green: ground-truth points
 PRED_COLOR = (255, 40, 40)  # RGB red: predicted points
+MIN_PICTURE_SIDE = 512      # smaller images are enlarged for display (a 128 px crop is a smudge on wandb)
+CAPTION_HEIGHT = 22
 
 
 def to_uint8_image(image: torch.Tensor) -> np.ndarray:
     """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 RGB."""
     return (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def enlarge(rgb: np.ndarray, min_side: int = MIN_PICTURE_SIDE) -> tuple[np.ndarray, int]:
+    """A small (H, W, 3) image enlarged by a whole factor (nearest neighbour, pixels stay crisp) so
+    its long side is at least `min_side`; returns the picture and the factor (1: unchanged)."""
+    factor = max(1, -(-min_side // max(rgb.shape[:2])))
+    if factor == 1:
+        return rgb, 1
+    return cv2.resize(rgb, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST), factor
 
 
 def colorize_instances(instance_map: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -52,15 +63,22 @@ def point_overlay(image: torch.Tensor, gt_points: torch.Tensor, pred_points: tor
     canvas = to_uint8_image(image)
     if instance_map is not None:
         canvas = overlay_masks(canvas, instance_map.cpu().numpy())
-    canvas = draw_points(canvas, gt_points, GT_COLOR, radius=2)
-    canvas = draw_points(canvas, pred_points, PRED_COLOR, radius=2, cross=True)
+    canvas, f = enlarge(canvas)
+    canvas = draw_points(canvas, scaled_points(gt_points, f), GT_COLOR, radius=3)
+    canvas = draw_points(canvas, scaled_points(pred_points, f), PRED_COLOR, radius=3, cross=True)
     return with_caption(canvas, f"gt {len(gt_points)}  pred {len(pred_points)}")
 
 
+def scaled_points(points: torch.Tensor | np.ndarray, factor: int) -> np.ndarray:
+    """xy pixel positions on a picture enlarged `factor` times (pixel k covers [k, k + 1))."""
+    pts = points.detach().cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points)
+    return pts.reshape(-1, 2) * factor
+
+
 def with_caption(canvas: np.ndarray, text: str) -> np.ndarray:
-    """An (H, W, 3) uint8 RGB image with an 18-pixel black strip below it holding `text` in white."""
-    caption = np.zeros((18, canvas.shape[1], 3), np.uint8)
-    cv2.putText(caption, text, (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    """An (H, W, 3) uint8 RGB image with a black strip below it holding `text` in white."""
+    caption = np.zeros((CAPTION_HEIGHT, canvas.shape[1], 3), np.uint8)
+    cv2.putText(caption, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
     return np.concatenate([canvas, caption], 0)
 
 
@@ -78,10 +96,10 @@ def density_overlay(image: torch.Tensor, density: torch.Tensor, gt_points: torch
     """Image blended with a heat map of `density` (h, w) (any stride; stretched over the image),
     GT points as green dots, and a caption with the GT count and the predicted `count` (default:
     the density's sum)."""
-    canvas = to_uint8_image(image)
+    canvas, f = enlarge(to_uint8_image(image))
     heat = heatmap(density.detach().float().cpu().numpy(), canvas.shape[:2])
     canvas = ((1 - alpha) * canvas + alpha * heat).round().astype(np.uint8)
-    canvas = draw_points(canvas, gt_points, GT_COLOR, radius=2)
+    canvas = draw_points(canvas, scaled_points(gt_points, f), GT_COLOR, radius=3)
     count = float(density.sum()) if count is None else float(count)
     return with_caption(canvas, f"gt {len(gt_points)}  pred {count:.1f}")
 

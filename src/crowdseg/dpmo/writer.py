@@ -155,7 +155,7 @@ def write_mask_outputs(out_dir: Path, stem: str, id_map: np.ndarray, report: dic
 
 def overlay_picture(image: torch.Tensor, id_map: np.ndarray, points: Optional[torch.Tensor] = None) -> np.ndarray:
     """(H, W, 3) uint8 RGB: the image with coloured instances, their outlines and the points."""
-    from crowdseg.vis import draw_points, overlay_masks, to_uint8_image
+    from crowdseg.vis import draw_points, enlarge, overlay_masks, scaled_points, to_uint8_image
     rgb = to_uint8_image(image)
     ids = id_map.astype(np.int64)
     if ids.shape != rgb.shape[:2]:
@@ -165,8 +165,9 @@ def overlay_picture(image: torch.Tensor, id_map: np.ndarray, points: Optional[to
     edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
     edge[1:, :] |= ids[1:, :] != ids[:-1, :]
     out[edge & (ids > 0)] = (255, 255, 255)
+    out, factor = enlarge(out)
     if points is not None and len(points):
-        out = draw_points(out, points, (255, 0, 0), radius=1)
+        out = draw_points(out, scaled_points(points, factor), (255, 0, 0), radius=max(1, factor))
     return out
 
 
