@@ -268,3 +268,14 @@ def parse_or_problem(problems: list[Problem], name: str, fn, *args, **kwargs):
         path, _, rest = msg.partition(": ")
         problems.append(Problem(path if rest else name, rest or msg, record=name))
         return None
+
+
+def point_records(pairs: Iterable[tuple[Path, Path]], read_points, problems: list[Problem]) -> list[Record]:
+    """A Record per (image, annotation) pair whose points `read_points(annotation)` parses; a file
+    it rejects becomes a Problem instead."""
+    records = []
+    for img, ann in pairs:
+        points = parse_or_problem(problems, img.name, read_points, ann)
+        if points is not None:
+            records.append(Record(img.name, img, points, ann_path=ann))
+    return records

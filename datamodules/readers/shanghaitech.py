@@ -11,7 +11,7 @@ import numpy as np
 
 from crowdseg.errors import DataError
 from datamodules.readers.common import (Problem, Record, as_points, first_existing, from_matlab, list_images,
-                                        load_mat, pair_files, parse_or_problem, split_folder)
+                                        load_mat, pair_files, point_records, split_folder)
 
 
 def read_shanghaitech_mat(path: Path) -> np.ndarray:
@@ -35,9 +35,4 @@ def read_shanghaitech(root: str | Path, split: str = "train") -> tuple[list[Reco
     problems: list[Problem] = []
     pairs = pair_files(images, {p.name: gt_dir / f"GT_{p.stem}.mat" for p in images},
                        sorted(gt_dir.glob("*.mat")), problems, "annotation file")
-    records = []
-    for img, ann in pairs:
-        points = parse_or_problem(problems, img.name, read_shanghaitech_mat, ann)
-        if points is not None:
-            records.append(Record(img.name, img, points, ann_path=ann))
-    return records, problems
+    return point_records(pairs, read_shanghaitech_mat, problems), problems

@@ -14,7 +14,7 @@ import numpy as np
 
 from crowdseg.errors import DataError
 from datamodules.readers.common import (Problem, Record, as_points, from_matlab, list_images, load_mat,
-                                        pair_files, parse_or_problem, require_dir, split_folder)
+                                        pair_files, point_records, require_dir, split_folder)
 
 
 def read_ann_points_mat(path: Path) -> np.ndarray:
@@ -31,12 +31,7 @@ def _read_ann_folder(folder: Path, keep=lambda p: True) -> tuple[list[Record], l
     anns = [p for p in sorted(folder.glob("*_ann.mat")) if keep(p.with_name(p.name[:-len("_ann.mat")] + ".jpg"))]
     pairs = pair_files(images, {p.name: p.with_name(f"{p.stem}_ann.mat") for p in images}, anns, problems,
                        "annotation file")
-    records = []
-    for img, ann in pairs:
-        points = parse_or_problem(problems, img.name, read_ann_points_mat, ann)
-        if points is not None:
-            records.append(Record(img.name, img, points, ann_path=ann))
-    return records, problems
+    return point_records(pairs, read_ann_points_mat, problems), problems
 
 
 def read_qnrf(root: str | Path, split: str = "train") -> tuple[list[Record], list[Problem]]:
