@@ -45,11 +45,12 @@ def overlay_masks(image: np.ndarray, instance_map: np.ndarray, alpha: float = 0.
 
 
 def draw_points(image: np.ndarray, points: torch.Tensor | np.ndarray, color: tuple[int, int, int],
-                radius: int = 2, cross: bool = False) -> np.ndarray:
-    """Draw xy `points` (N, 2) on a copy of an (H, W, 3) uint8 RGB image: dots, or crosses."""
+                radius: int = 2, cross: bool = False, scale: int = 1) -> np.ndarray:
+    """Draw xy `points` (N, 2) on a copy of an (H, W, 3) uint8 RGB image: dots, or crosses.
+    `scale`: the image is the points' image enlarged that many times (see `enlarge`)."""
     out = np.ascontiguousarray(image.copy())
     pts = points.detach().cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points)
-    for x, y in np.round(pts).astype(int):
+    for x, y in np.round(pts.reshape(-1, 2) * scale).astype(int):
         if cross:
             cv2.drawMarker(out, (int(x), int(y)), color, cv2.MARKER_CROSS, 2 * radius + 3, 1)
         else:
@@ -64,15 +65,9 @@ def point_overlay(image: torch.Tensor, gt_points: torch.Tensor, pred_points: tor
     if instance_map is not None:
         canvas = overlay_masks(canvas, instance_map.cpu().numpy())
     canvas, f = enlarge(canvas)
-    canvas = draw_points(canvas, scaled_points(gt_points, f), GT_COLOR, radius=3)
-    canvas = draw_points(canvas, scaled_points(pred_points, f), PRED_COLOR, radius=3, cross=True)
+    canvas = draw_points(canvas, gt_points, GT_COLOR, radius=3, scale=f)
+    canvas = draw_points(canvas, pred_points, PRED_COLOR, radius=3, cross=True, scale=f)
     return with_caption(canvas, f"gt {len(gt_points)}  pred {len(pred_points)}")
-
-
-def scaled_points(points: torch.Tensor | np.ndarray, factor: int) -> np.ndarray:
-    """xy pixel positions on a picture enlarged `factor` times (pixel k covers [k, k + 1))."""
-    pts = points.detach().cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points)
-    return pts.reshape(-1, 2) * factor
 
 
 def with_caption(canvas: np.ndarray, text: str) -> np.ndarray:
@@ -99,7 +94,7 @@ def density_overlay(image: torch.Tensor, density: torch.Tensor, gt_points: torch
     canvas, f = enlarge(to_uint8_image(image))
     heat = heatmap(density.detach().float().cpu().numpy(), canvas.shape[:2])
     canvas = ((1 - alpha) * canvas + alpha * heat).round().astype(np.uint8)
-    canvas = draw_points(canvas, scaled_points(gt_points, f), GT_COLOR, radius=3)
+    canvas = draw_points(canvas, gt_points, GT_COLOR, radius=3, scale=f)
     count = float(density.sum()) if count is None else float(count)
     return with_caption(canvas, f"gt {len(gt_points)}  pred {count:.1f}")
 

@@ -53,7 +53,7 @@ def is_done(out_dir: Path, stem: str) -> bool:
 
 
 def image_stem(meta: dict, index: int) -> str:
-    name = meta.get("name") if isinstance(meta, dict) else None
+    name = meta.get("name")
     return mask_stem(name) if name else f"{index:06d}"
 
 
@@ -119,8 +119,7 @@ class MaskGenerator(L.LightningModule):
 
     def _show_heads(self) -> bool:
         """A second bar over the heads of the current image (a dense image can take minutes)."""
-        trainer = self._trainer
-        return trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
+        return self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero
 
 
 class MaskWriter(BasePredictionWriter):
@@ -155,7 +154,7 @@ def write_mask_outputs(out_dir: Path, stem: str, id_map: np.ndarray, report: dic
 
 def overlay_picture(image: torch.Tensor, id_map: np.ndarray, points: Optional[torch.Tensor] = None) -> np.ndarray:
     """(H, W, 3) uint8 RGB: the image with coloured instances, their outlines and the points."""
-    from crowdseg.vis import draw_points, enlarge, overlay_masks, scaled_points, to_uint8_image
+    from crowdseg.vis import draw_points, enlarge, overlay_masks, to_uint8_image
     rgb = to_uint8_image(image)
     ids = id_map.astype(np.int64)
     if ids.shape != rgb.shape[:2]:
@@ -167,7 +166,7 @@ def overlay_picture(image: torch.Tensor, id_map: np.ndarray, points: Optional[to
     out[edge & (ids > 0)] = (255, 255, 255)
     out, factor = enlarge(out)
     if points is not None and len(points):
-        out = draw_points(out, scaled_points(points, factor), (255, 0, 0), radius=max(1, factor))
+        out = draw_points(out, points, (255, 0, 0), radius=max(1, factor), scale=factor)
     return out
 
 
