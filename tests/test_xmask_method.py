@@ -1,0 +1,72 @@
+"""`method: xmask` through the real experiment configs: checks, build, and `train` under fast_dev_run."""
+from pathlib import Path
+
+import pytest
+
+from crowdseg.config import load_config
+from crowdseg.errors import ConfigError, DataError
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "xmask"
+TINY = ["data.synthetic.num_train=20", "data.synthetic.num_val=4", "data.synthetic.num_test=2",
+        "data.synthetic.height=64", "data.synthetic.width=64", "data.synthetic.max_people=15",
+        "data.crop_size=64", "data.batch_size=2", "data.eval_batch_size=2", "data.label_fraction=20",
+        "model.fuse_channels=8", "model.decoder_channels=8", "model.mask_channels=8", "model.emb_dim=4",
+        "logger.num_pictures=0", "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize("name", ["synthetic", "synthetic_supervised", "sha", "sha_cpu_phase1", "qnrf", "jhu"])
+def test_every_experiment_loads(name):
+    cfg = load_config(EXPERIMENTS / f"{name}.yaml")
+    assert cfg.method == "xmask"
+
+
+@pytest.mark.parametrize("override, key", [("xmask.phase_unit=hour", "xmask.phase_unit"),
+                                           ("xmask.phase2_end=10", "xmask.phase2_end"),
+                                           ("xmask.phase2_groups=[fuse,head]", "xmask.phase2_groups"),
+                                           ("xmask.p_low=0.95", "xmask.p_low"),
+                                           ("xmask.ema_momentum=1.5", "xmask.ema_momentum")])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(EXPERIMENTS / "synthetic.yaml", [override])
+
+
+def test_build_semi_and_supervised_datamodules(tmp_path):
+    from crowdseg.methods.xmask import build_datamodule
+    from datamodules.semi import SemiSupervisedDataModule
+
+    cfg = load_config(EXPERIMENTS / "synthetic.yaml", TINY + [f"runs_root={tmp_path}"])
+    dm = build_datamodule(cfg)
+    assert isinstance(dm, SemiSupervisedDataModule)
+    lab, unl = set(dm.labeled.names), set(dm.unlabeled.names)
+    assert len(lab) and len(unl) and not lab & unl and not (lab | unl) & set(dm.datasets["val"].names)
+    sample = dm.unlabeled[0]
+    assert {"image", "image_strong", "cutout"} <= set(sample)
+    sup = build_datamodule(load_config(EXPERIMENTS / "synthetic_supervised.yaml", TINY))
+    assert set(sup.datasets["train"].names) == lab  # the control trains on the same labeled images
+
+
+def test_labeled_images_without_masks_are_refused_past_phase1():
+    from crowdseg.methods.xmask import first_without_masks, reaches_phase2
+
+    class Rec:
+        def __init__(self, name, mask):
+            self.name, self.mask_path, self.polygons = name, mask, None
+
+    class Data:
+        records = [Rec("IMG_1.jpg", Path("m/IMG_1.png")), Rec("IMG_2.jpg", None)]
+
+    assert first_without_masks(Data()) == "IMG_2.jpg"
+    cfg = load_config(EXPERIMENTS / "sha_cpu_phase1.yaml")
+    assert not reaches_phase2(cfg)
+    assert reaches_phase2(load_config(EXPERIMENTS / "sha.yaml"))
+
+
+def test_fit_fast_dev_run_on_the_synthetic_experiment(tmp_path):
+    from crowdseg.train import train
+
+    cfg = load_config(EXPERIMENTS / "synthetic.yaml",
+                      TINY + [f"runs_root={tmp_path}", "trainer.fast_dev_run=true", "xmask.semi_warmup=-1",
+                              "xmask.ramp_rate=1.0"])
+    metrics = train(cfg)
+    assert metrics["train/semi_weight"] > 0
+    assert {"val/mae", "val/teacher_mae", "val/mean_iou_c"} <= set(metrics)
