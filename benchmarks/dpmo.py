@@ -260,15 +260,12 @@ def memory_worker(args) -> None:
 
 def count_tiles(image_hw, points, input_size: int, cfg: DpmoConfig) -> int:
     """How many tiles of the default plan own at least one point (= encoder passes of a full run)."""
-    from crowdseg.dpmo import assign_points, nearest_neighbour_distances, plan_tiles, tile_scale
-    from crowdseg.dpmo.tiles import auto_overlap
-    radii = nnec_radii(points, image_hw, cfg.radius_factor, cfg.r_min, cfg.r_max, cfg.lone_radius)
-    scale = tile_scale(image_hw, input_size, float(np.median(nearest_neighbour_distances(points))),
-                       cfg.target_nn_px, cfg.max_scale)
-    tiles, _ = plan_tiles(image_hw, input_size, scale, auto_overlap(radii))
-    rows = np.clip(np.round(points[:, 1]).astype(int), 0, image_hw[0] - 1)
-    cols = np.clip(np.round(points[:, 0]).astype(int), 0, image_hw[1] - 1)
-    return len(set(assign_points(tiles, rows, cols).tolist()))
+    from types import SimpleNamespace
+
+    from crowdseg.dpmo.scene import prepare_scene
+    shape = SimpleNamespace(input_size=input_size, device=torch.device("cpu"))    # tiling needs no SAM
+    scene = prepare_scene(shape, torch.zeros(3, *image_hw), points, cfg)
+    return len(set(scene.tile_of.tolist()))
 
 
 def memory_run(args, model_type: str) -> dict:

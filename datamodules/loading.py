@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from crowdseg.errors import DataError
+from crowdseg.geometry import pixels_inside, point_pixels
 from datamodules.readers.coco import rasterize_instances
 from datamodules.readers.common import Record
 from datamodules.readers.idmaps import read_id_map
@@ -125,8 +126,8 @@ def own_pixel(id_map: np.ndarray, points: np.ndarray) -> np.ndarray:
     h, w = id_map.shape
     if len(points) == 0:
         return np.zeros(0, bool)
-    cols, rows = np.round(points[:, 0]).astype(np.int64), np.round(points[:, 1]).astype(np.int64)
-    inside = (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
+    rows, cols = point_pixels(points)
+    inside = pixels_inside(rows, cols, h, w)
     held = np.zeros(len(points), bool)
     held[inside] = np.asarray(id_map)[rows[inside], cols[inside]] == np.flatnonzero(inside) + 1
     return held
@@ -139,8 +140,8 @@ def stamp_point_pixels(id_map: np.ndarray, points: np.ndarray, which: np.ndarray
     inside its own mask inside it after a resize or crop.
     """
     h, w = id_map.shape
-    cols, rows = np.round(points[:, 0]).astype(np.int64), np.round(points[:, 1]).astype(np.int64)
-    which = which & (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
+    rows, cols = point_pixels(points)
+    which = which & pixels_inside(rows, cols, h, w)
     id_map[rows[which], cols[which]] = np.flatnonzero(which) + 1
     return id_map
 

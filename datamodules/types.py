@@ -5,8 +5,8 @@ A *sample* is a plain dict:
 - ``image``: (3, H, W) float32 tensor, RGB in [0, 1] (models normalise internally).
 - ``points``: (N, 2) float32 tensor, xy in 0-based *pixel-index* coordinates of ``image``: the
   centre of the pixel at row i, column j is (x=j, y=i), so the pixel holding a point is
-  (round(y), round(x)) (see `point_pixels`). This is SAM's convention too. Readers of MATLAB
-  annotations (1-based) subtract 1.
+  (round(y), round(x)) (see `crowdseg.geometry.point_pixels`). This is SAM's convention too.
+  Readers of MATLAB annotations (1-based) subtract 1.
 - ``boxes`` (optional): (N, 4) float32 xyxy in pixels, row k belongs to point k.
 - ``instance_map`` (optional): (H, W) int64, 0 background, k the instance of point k-1.
 - ``meta``: dict with ``dataset`` (str), ``name`` (file name), ``orig_size`` (H, W) of the file,
@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from crowdseg.geometry import point_pixels  # noqa: F401  (the one point-to-pixel rule, re-exported)
 
 Sample = dict[str, Any]
 Batch = dict[str, Any]
@@ -68,8 +70,3 @@ def empty_points() -> torch.Tensor:
     return torch.zeros((0, 2), dtype=torch.float32)
 
 
-def point_pixels(points: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) long tensors of the pixels holding `points` (N, 2) xy, clamped into the image."""
-    cols = points[:, 0].round().long().clamp(0, width - 1)
-    rows = points[:, 1].round().long().clamp(0, height - 1)
-    return rows, cols

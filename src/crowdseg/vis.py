@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import torch
 
+from crowdseg.geometry import point_pixels
 from crowdseg.io import atomic_path
 
 GT_COLOR = (0, 255, 0)      # RGB green: ground-truth points
@@ -50,7 +51,8 @@ def draw_points(image: np.ndarray, points: torch.Tensor | np.ndarray, color: tup
     `scale`: the image is the points' image enlarged that many times (see `enlarge`)."""
     out = np.ascontiguousarray(image.copy())
     pts = points.detach().cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points)
-    for x, y in np.round(pts.reshape(-1, 2) * scale).astype(int):
+    rows, cols = point_pixels(pts.reshape(-1, 2) * scale)
+    for x, y in zip(cols, rows):
         if cross:
             cv2.drawMarker(out, (int(x), int(y)), color, cv2.MARKER_CROSS, 2 * radius + 3, 1)
         else:

@@ -1,6 +1,8 @@
 """`generate_instance_map`: point annotations of one image -> one exclusive instance id map.
 
-Pipeline (each step a pure function of this package; docs/dpmo.md explains the choices):
+Pipeline (each step a pure function of this package; docs/dpmo.md explains the choices). Steps
+1-4 are `crowdseg.dpmo.scene` (`prepare_scene` + `scene_instance_map`), the same code the RPS
+environment (`crowdseg.rl.sam_env`) runs, so DPMO's masks and the RPS reward's masks agree:
 1. `nnec_radii`: one exclusive circle per point; `nearest_neighbours` for negative prompts.
 2. `tile_scale` + `plan_tiles`: one tile, or overlapping tiles so a median head gap spans
    `target_nn_px` SAM input pixels; each point is owned by one tile.
@@ -24,18 +26,12 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from crowdseg.dpmo.nnec import nearest_neighbour_distances, nearest_neighbours, nnec_radii
-from crowdseg.dpmo.prompts import build_prompts, circle_pixels, exclusion_mask_prompt, window_cells_geometry
-from crowdseg.dpmo.resolve import OVERLAPS, claim_pixels, finalize_instances, new_canvas
-from crowdseg.dpmo.select import SELECTIONS, select_candidates
-from crowdseg.dpmo.tiles import assign_points, auto_overlap, plan_tiles, tile_scale
+from crowdseg.dpmo.resolve import OVERLAPS
+from crowdseg.dpmo.scene import EDP_DENSE_PROMPTS, VARIANTS, prepare_scene, scene_instance_map
+from crowdseg.dpmo.select import SELECTIONS
 from crowdseg.errors import ConfigError
-from crowdseg.sam.predictor import BatchedSamPredictor, resize_to_input
-
-VARIANTS = ("dpmo", "edp_sam")
-EDP_DENSE_PROMPTS = ("selected", "disc")
+from crowdseg.sam.predictor import BatchedSamPredictor
 
 
 def check_dpmo_config(cfg: Any) -> None:
@@ -85,99 +81,28 @@ def generate_instance_map(predictor: BatchedSamPredictor, image: torch.Tensor, p
     """
     check_dpmo_config(cfg)
     start = time.perf_counter()
-    device = predictor.device
-    clock = _Clock(device)
+    clock = _Clock(predictor.device)
     clock("post_s")
-    h, w = int(image.shape[-2]), int(image.shape[-1])
-    pts = (points.detach().cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points)).astype(np.float64).reshape(-1, 2)
-    n = len(pts)
-    radii = nnec_radii(pts, (h, w), cfg.radius_factor, cfg.r_min, cfg.r_max, cfg.lone_radius)
-    neighbours = nearest_neighbours(pts, cfg.num_negatives)
-    nn = nearest_neighbour_distances(pts)
-    median_nn = float(np.median(nn)) if n >= 2 else float("inf")
-    scale = tile_scale((h, w), predictor.input_size, median_nn, cfg.target_nn_px, cfg.max_scale, cfg.tile)
-    overlap = cfg.tile_overlap if cfg.tile_overlap is not None else auto_overlap(radii)
-    tiles, overlap_capped = plan_tiles((h, w), predictor.input_size, scale, overlap)
-    rows = np.clip(np.round(pts[:, 1]).astype(np.int64), 0, h - 1)
-    cols = np.clip(np.round(pts[:, 0]).astype(np.int64), 0, w - 1)
-    tile_of = assign_points(tiles, rows, cols)
-
-    best, owner = new_canvas(h * w, device)
-    pts_dev = torch.from_numpy(pts).to(device)
-    radii_dev = torch.from_numpy(radii).to(device)
-    encoded, passes = 0, 0
-    for t, tile in enumerate(tiles):
-        owned = np.flatnonzero(tile_of == t)
-        if len(owned) == 0:
-            continue
-        owned = owned[np.argsort(radii[owned], kind="stable")]
-        x0, y0, x1, y1 = tile.context
-        crop = resize_to_input(image[:, y0:y1, x0:x1].to(device, torch.float32), tile.resized_hw)
-        clock("encoder_s")
-        embedding = predictor.encode(crop)
-        encoded += 1
-        for s in range(0, len(owned), predictor.prompt_chunk):
-            index = owned[s:s + predictor.prompt_chunk]
-            clock("post_s")
-            prompts = build_prompts(pts, radii, neighbours, index, tile, predictor.patch, predictor.embed_size,
-                                    cfg.context_factor, cfg.box_prompt)
-            p_b, r_b = pts_dev[index], radii_dev[index]
-            inside, valid = window_cells_geometry(p_b, r_b, tile, prompts.origins, prompts.cells, predictor.patch,
-                                                  cfg.context_factor)
-            logits, passes_here = _decode_chunk(predictor, embedding, prompts, inside, valid, cfg, clock)
-            passes += passes_here
-            clock("post_s")
-            pix = circle_pixels(p_b, r_b, tile, (h, w), prompts.origins, prompts.cells, predictor.patch)
-            sampled = F.grid_sample(logits[:, None], pix.grid, mode="bilinear", padding_mode="border",
-                                    align_corners=False)[:, 0]                       # (B, P, P)
-            claim = pix.valid & (sampled > cfg.mask_threshold)
-            priority = sampled if cfg.overlap == "logit" else -pix.dist2
-            ids = torch.from_numpy(index + 1).to(device)[:, None, None].expand_as(claim)
-            claim_pixels(best, owner, pix.flat[claim], priority[claim], ids[claim])
-            if on_progress is not None:
-                on_progress(len(index))
-
-    clock("post_s")
-    id_map, counts = finalize_instances(owner.view(h, w).cpu().numpy(), pts, radii, cfg.fallback_radius_factor)
+    scene = prepare_scene(predictor, image, points, cfg)
+    # one pass over the image: a tile's embedding is dropped once its points are done
+    id_map, counts = scene_instance_map(predictor, scene, cfg, clock=clock, on_progress=on_progress,
+                                        keep_embeddings=False)
     clock(None)
+    n = len(scene.points)
+    passes = counts.pop("decoder_passes")
     report = {
         "num_points": n,
         "num_instances": int(n - counts["missing_instances"]),
         **counts,
         "variant": cfg.variant,
-        "image_hw": [h, w],
-        "scale": scale,
-        "median_nn_px": median_nn if np.isfinite(median_nn) else None,
-        "tiles": len(tiles),
-        "tiles_encoded": encoded,
-        "tile_overlap_capped": overlap_capped,
+        "image_hw": list(scene.image_hw),
+        "scale": scene.scale,
+        "median_nn_px": scene.median_nn if np.isfinite(scene.median_nn) else None,
+        "tiles": len(scene.tiles),
+        "tiles_encoded": scene.encoded,
+        "tile_overlap_capped": scene.overlap_capped,
         "decoder_passes": passes,
         "timings": {**{k: round(v, 4) for k, v in clock.totals.items()},
                     "total_s": round(time.perf_counter() - start, 4)},
     }
     return id_map, report
-
-
-def _decode_chunk(predictor: BatchedSamPredictor, embedding, prompts, inside: torch.Tensor, valid: torch.Tensor,
-                  cfg: Any, clock: _Clock) -> tuple[torch.Tensor, int]:
-    """Chosen window logits (B, S, S) of one chunk and the number of decoder passes it took."""
-    def decode(mask_input=None, multimask=cfg.multimask):
-        clock("decoder_s")
-        out = predictor.decode(embedding, prompts.coords, prompts.labels, prompts.origins, prompts.cells,
-                               prompts.boxes, mask_input, multimask)
-        clock("post_s")
-        return out
-
-    def choose(logits, iou):
-        best, _ = select_candidates(logits, iou, inside, valid, cfg.selection, cfg.mask_threshold)
-        return logits[torch.arange(len(best), device=logits.device), best]
-
-    if cfg.variant == "edp_sam" and cfg.edp_dense_prompt == "disc":
-        prompt = exclusion_mask_prompt(inside, prompts.origins, predictor.low_res_size, cfg.dense_prompt_logit)
-        return choose(*decode(prompt)), 1
-    first = choose(*decode())
-    if cfg.variant == "dpmo":
-        return first, 1
-    prompt = exclusion_mask_prompt(inside, prompts.origins, predictor.low_res_size, cfg.dense_prompt_logit, first)
-    logits, _ = decode(prompt, multimask=False)
-    return logits[:, 0], 2

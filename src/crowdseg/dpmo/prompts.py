@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from crowdseg.dpmo.tiles import Tile
+from crowdseg.geometry import point_pixels
 
 
 @dataclass
@@ -147,6 +148,7 @@ class CirclePixels:
     valid: torch.Tensor     # (B, P, P) bool: inside the circle, the image and the tile context
     grid: torch.Tensor      # (B, P, P, 2) float, grid_sample coordinates in each decode window
     dist2: torch.Tensor     # (B, P, P) float, squared distance to the point
+    offsets: torch.Tensor   # (B, 2) long, (x0, y0) image pixel of grid cell (0, 0)
 
 
 def circle_pixels(p: torch.Tensor, r: torch.Tensor, tile: Tile, image_hw: tuple[int, int],
@@ -162,9 +164,9 @@ def circle_pixels(p: torch.Tensor, r: torch.Tensor, tile: Tile, image_hw: tuple[
     device = p.device
     big = int(math.ceil(float(r.max()))) if len(r) else 0
     offsets = torch.arange(-big, big + 1, device=device)
-    centre = p.round().long()
-    rows = (centre[:, 1:2] + offsets)[:, :, None]                          # (B, P, 1)
-    cols = (centre[:, 0:1] + offsets)[:, None, :]                          # (B, 1, P)
+    centre_rows, centre_cols = point_pixels(p)                             # (B,) each, not clamped
+    rows = (centre_rows[:, None] + offsets)[:, :, None]                    # (B, P, 1)
+    cols = (centre_cols[:, None] + offsets)[:, None, :]                    # (B, 1, P)
     pd = p.to(torch.float64)
     dist2 = (cols - pd[:, 0, None, None]) ** 2 + (rows - pd[:, 1, None, None]) ** 2
     valid = (dist2 <= (r.to(torch.float64) ** 2)[:, None, None]) \
@@ -178,4 +180,4 @@ def circle_pixels(p: torch.Tensor, r: torch.Tensor, tile: Tile, image_hw: tuple[
     v = ((rows - y0 + 0.5) * sy / step - start[:, 0, None, None]) * (2.0 / s) - 1.0
     u, v = torch.broadcast_tensors(u, v)
     grid = torch.stack([u, v], -1).float()
-    return CirclePixels(flat, valid, grid, dist2.float())
+    return CirclePixels(flat, valid, grid, dist2.float(), torch.stack([centre_cols, centre_rows], 1) - big)

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from crowdseg.geometry import point_pixels
+
 OVERLAPS = ("logit", "nearest")
 
 
@@ -57,9 +59,10 @@ def disc_claims(points: np.ndarray, radii: np.ndarray, ids: np.ndarray, image_hw
     """Claims of full discs (flat pixel index, -squared distance, id) for points (M, 2), radii (M,)."""
     h, w = image_hw
     flats, prios, owners = [], [], []
-    for (x, y), r, i in zip(points, radii, ids):
+    centre_rows, centre_cols = point_pixels(points)
+    for (x, y), r, i, cy, cx in zip(points, radii, ids, centre_rows, centre_cols):
         big = int(np.ceil(r))
-        rows, cols = np.mgrid[round(y) - big:round(y) + big + 1, round(x) - big:round(x) + big + 1]
+        rows, cols = np.mgrid[cy - big:cy + big + 1, cx - big:cx + big + 1]
         d2 = (cols - x) ** 2 + (rows - y) ** 2
         keep = (d2 <= r * r) & (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
         flats.append(rows[keep] * w + cols[keep])
@@ -91,8 +94,7 @@ def finalize_instances(owner: np.ndarray, points: np.ndarray, radii: np.ndarray,
                                 torch.from_numpy(ids[free]), h * w).numpy().reshape(h, w)
         owner = np.where((owner == 0) & (fill > 0), fill, owner)
 
-    rows = np.clip(np.round(points[:, 1]).astype(np.int64), 0, h - 1)
-    cols = np.clip(np.round(points[:, 0]).astype(np.int64), 0, w - 1)
+    rows, cols = point_pixels(points, h, w)
     flat = rows * w + cols
     _, first = np.unique(flat, return_index=True)      # lowest point index on each point pixel
     owner.ravel()[flat[first]] = first + 1

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from crowdseg.dpmo.generate import check_dpmo_config, generate_instance_map
 from crowdseg.errors import ConfigError, DataError
 from crowdseg.io import atomic_path, write_json_atomic
-from crowdseg.sam.build import CHECKPOINT_SOURCES, build_sam
+from crowdseg.sam.build import build_sam_from_config
 from crowdseg.sam.predictor import BatchedSamPredictor
 from datamodules.readers.idmaps import MAX_PNG_ID, mask_stem, write_id_map_png
 from datamodules.types import collate_samples
@@ -69,13 +69,8 @@ def check_unique_stems(names: list[str], out_dir: Path) -> None:
 
 
 def build_predictor_model(cfg: DictConfig) -> nn.Module:
-    """The configured SAM model; real SAM types need `sam.checkpoint`."""
-    sam = cfg.sam
-    if sam.model_type != "tiny" and not sam.checkpoint:
-        source = CHECKPOINT_SOURCES.get(sam.model_type, "the SAM README")
-        raise ConfigError(f"key 'sam.checkpoint': model type {sam.model_type} needs a local checkpoint path "
-                          f"(official weights: {source})")
-    return build_sam(sam.model_type, sam.checkpoint, seed=sam.seed)
+    """Compatibility shim for `crowdseg.lit.rps` (being moved): use `build_sam_from_config(cfg.sam)`."""
+    return build_sam_from_config(cfg.sam)
 
 
 class MaskGenerator(L.LightningModule):
@@ -201,7 +196,7 @@ def run_masks(cfg: DictConfig) -> dict[str, Any]:
     # the masks are being made: read the images and points only, never attach existing masks
     dataset = build_dataset(OmegaConf.merge(cfg, {"data": {"masks_dir": None}}), cfg.dpmo.split)
     check_unique_stems([r.name for r in getattr(dataset, "records", [])], out_dir)
-    model = build_predictor_model(cfg)
+    model = build_sam_from_config(cfg.sam)
     dpmo = OmegaConf.create(OmegaConf.to_container(cfg.dpmo, resolve=True))
     module = MaskGenerator(model, dpmo, cfg.sam.prompt_chunk, out_dir, keep_images=cfg.dpmo.overlays)
     writer = MaskWriter(out_dir, cfg.dpmo.overlays, extra={"sam_model_type": cfg.sam.model_type,

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crowdseg.geometry import pixels_inside, point_pixels
+
 _EPS = 1e-8
 
 
@@ -187,10 +189,9 @@ def point_instance_ids(points: Tensor, instance_map: Tensor) -> Tensor:
     """
     _check_instance_map(instance_map)
     height, width = instance_map.shape
-    p = points.detach()
-    cols, rows = p[:, 0].round().long(), p[:, 1].round().long()
-    inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
-    ids = torch.zeros(p.shape[0], dtype=torch.long, device=instance_map.device)
+    rows, cols = point_pixels(points)
+    inside = pixels_inside(rows, cols, height, width)
+    ids = torch.zeros(points.shape[0], dtype=torch.long, device=instance_map.device)
     ids[inside] = instance_map[rows[inside], cols[inside]].long()
     return ids
 
@@ -220,9 +221,8 @@ def _point_background(points: Tensor, scores: Tensor, instance_map: Tensor,
 
 def _points_in_region(points: Tensor, region: Tensor) -> Tensor:
     height, width = region.shape
-    p = points.detach()
-    cols, rows = p[:, 0].round().long(), p[:, 1].round().long()
-    inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+    rows, cols = point_pixels(points)
+    inside = pixels_inside(rows, cols, height, width)
     out = torch.zeros_like(inside)
     out[inside] = region.to(torch.bool)[rows[inside], cols[inside]]
     return out

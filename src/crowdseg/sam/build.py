@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -55,6 +55,17 @@ def build_sam(model_type: str, checkpoint: Optional[str] = None, device: str | t
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, model_type)
     return model.to(device).eval()
+
+
+def build_sam_from_config(sam: Any, device: str | torch.device = "cpu") -> nn.Module:
+    """The SAM model of a `sam` config section (model_type, checkpoint, seed): what `crowdseg masks`
+    and the RPS environment both use. A real SAM type without `sam.checkpoint` is a `ConfigError`
+    naming where the official weights are published."""
+    if sam.model_type != "tiny" and not sam.checkpoint:
+        source = CHECKPOINT_SOURCES.get(sam.model_type, "the SAM README")
+        raise ConfigError(f"key 'sam.checkpoint': model type {sam.model_type} needs a local checkpoint path "
+                          f"(official weights: {source})")
+    return build_sam(sam.model_type, sam.checkpoint, device=device, seed=sam.seed)
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, model_type: str) -> None:
