@@ -6,10 +6,11 @@ Teacher. `self.teacher` is `torch.optim.swa_utils.AveragedModel(self.model,
 multi_avg_fn=get_ema_multi_avg_fn(momentum))`: a copy of the student whose *parameters* are the
 EMA t <- m t + (1 - m) s, updated after every optimizer step (`optimizer_step`). With
 `use_buffers=False` its buffers (BatchNorm running statistics) are copied from the student at each
-update rather than averaged. Its parameters never require gradients, it always runs in eval mode
-(`train()` is overridden), and it is a submodule, so it is saved in every checkpoint (with its
-`n_averaged` counter) and restored on resume. Every DDP rank applies the same update to the same
-(all-reduced) student, so teachers stay equal across ranks.
+update rather than averaged (under DDP, rank 0's are broadcast to every rank first). Its parameters
+never require gradients, it always runs in eval mode (`train()` is overridden), and it is a
+submodule, so it is saved in every checkpoint (with its `n_averaged` counter) and restored on
+resume. Every DDP rank applies the same update to the same (all-reduced) student, so teachers stay
+equal across ranks.
 
 Batches. Semi-supervised: `{"labeled": batch, "unlabeled": batch}` (datamodules/semi.py): the
 unlabeled batch holds the weak view (`image`, to the teacher), the strong view with a cutout
@@ -184,7 +185,17 @@ class XMaskModule(StageHooks, L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
+        self._sync_student_buffers()
         self.teacher.update_parameters(self.model)
+
+    def _sync_student_buffers(self) -> None:
+        """Under DDP, rank 0's student buffers (BN running statistics, updated by each rank's own
+        batch) on every rank before the teacher copies them, so teachers stay identical. DDP itself
+        broadcasts them only at the start of the next forward."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer.data, src=0)
 
     @contextmanager
     def _timed(self, key: str):
