@@ -70,3 +70,43 @@ def test_fit_fast_dev_run_on_the_synthetic_experiment(tmp_path):
     metrics = train(cfg)
     assert metrics["train/semi_weight"] > 0
     assert {"val/mae", "val/teacher_mae", "val/mean_iou_c"} <= set(metrics)
+
+
+@pytest.mark.slow
+def test_kill_inside_phase2_and_resume(tmp_path):
+    """SIGKILL after step 5 (phase 2 starts at step 2): last.ckpt (step 4) holds phase 2's optimizer state
+    and a teacher equal to an uninterrupted 4-step run's; rerunning the same command finishes the budget."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+
+    from crowdseg.train import train
+
+    root = Path(__file__).resolve().parents[1]
+    overrides = TINY + ["xmask.phase1_end=2", "xmask.phase2_end=100", "xmask.semi_warmup=-1", "xmask.ramp_rate=1.0",
+                        "checkpoint_every_n_steps=2", "trainer.max_steps=6", "trainer.limit_val_batches=0"]
+    reference = train(load_config(EXPERIMENTS / "synthetic.yaml",
+                                  overrides + [f"runs_root={tmp_path / 'ref'}", "trainer.max_steps=4"]))
+    ref_state = torch.load(reference["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+
+    command = [sys.executable, "-m", "crowdseg", "fit", str(EXPERIMENTS / "synthetic.yaml"), *overrides,
+               f"runs_root={tmp_path / 'run'}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    killed = subprocess.run(command, cwd=root, env=dict(env, CROWDSEG_KILL_AT_STEP="5"), capture_output=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL
+    last = next((tmp_path / "run").rglob("last.ckpt"))
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4 and state["xmask_optimizer_phase"] == 2
+    assert int(state["state_dict"]["teacher.n_averaged"]) == 4
+    for key, value in state["state_dict"].items():
+        if key.startswith("teacher."):
+            assert torch.equal(value, ref_state[key]), key
+
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    assert final["global_step"] == 6 and final["xmask_optimizer_phase"] == 2
+    assert int(final["state_dict"]["teacher.n_averaged"]) == 6
