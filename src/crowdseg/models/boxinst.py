@@ -3,7 +3,7 @@
 - Backbone: a torchvision ResNet (`BackboneWithFPN`, layers 2-4, `LastLevelP6P7`: P3-P7, strides 8-128)
   or any timm model with stride-8/16/32 features through `crowdseg.models.backbone.create_backbone`
   and torchvision's `FeaturePyramidNetwork`. Weights only from a local file.
-- Head: torchvision's `FCOSHead` modules (class tower + logits, box tower + regression + centre-ness)
+- Head: torchvision's FCOS head modules (class tower + logits, box tower + regression + centre-ness)
   run by `BoxInst.forward`, which keeps what torchvision's FCOS discards: the box-tower features
   (input of the `controller`, a 3x3 conv giving every location its dynamic mask-head parameters)
   and the flat location index of every prediction.
@@ -19,6 +19,7 @@ No config lookups here: constructors take plain values (`build_boxinst` is the f
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSRegressionHead
 from torchvision.ops import FrozenBatchNorm2d, batched_nms
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
@@ -304,7 +305,12 @@ class BoxInst(nn.Module):
         super().__init__()
         c = backbone.out_channels
         self.backbone = backbone
-        self.head = FCOSHead(c, num_anchors=1, num_classes=num_classes, num_convs=head_convs)
+        # torchvision's FCOS head modules; GroupNorm with at least 2 channels per group, so a 1x1 P7
+        # of a single small image still normalises
+        norm = partial(nn.GroupNorm, min(32, c // 2))
+        self.head = nn.Module()
+        self.head.classification_head = FCOSClassificationHead(c, 1, num_classes, head_convs, norm_layer=norm)
+        self.head.regression_head = FCOSRegressionHead(c, 1, head_convs, norm_layer=norm)
         self.scales = nn.ModuleList([Scale(1.0) for _ in self.strides])
         self.num_params = dynamic_param_count(mask_channels, dynamic_channels, dynamic_layers)
         self.controller = nn.Conv2d(c, self.num_params, 3, padding=1)

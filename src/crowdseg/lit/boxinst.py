@@ -1,0 +1,341 @@
+"""LightningModule of BoxInst (+ OverlapLoss): orchestration only; the math is in losses/ and models/.
+
+Training (boxes only, no mask annotation): FCOS losses on every location; for each image the top
+`topk_proposals_per_image` positive locations, split evenly over its GT boxes and ranked by
+class probability x centre-ness, get their stride-4 mask logits from the dynamic head; those are
+scored by the projection term, the pairwise colour term (linear warm-up over `pairwise_warmup`
+steps) and, with `overlap_weight` > 0, OverlapLoss (one uniformly sampled proposal per GT against
+the proposals of the other GTs of its image).
+
+Evaluation: detections (`postprocess`), their masks pasted at the original image size, COCO mask
+AP (`MaskAP`, against the instance maps, areas = mask areas), box AP against the boxes trained on,
+and the summed overlap degree of the predicted masks with score >= `overlap_score_threshold`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from crowdseg.lit.common import StageHooks, finish_stage, log_losses
+from crowdseg.losses.boxinst import (box_masks, color_similarity, image_lab, image_valid_masks, overlap_loss,
+                                     pairwise_loss, projection_loss, sample_one_per_group, warmup_factor)
+from crowdseg.losses.fcos import DEFAULT_SIZES_OF_INTEREST, fcos_losses, fcos_targets
+from crowdseg.metrics.detection import BoxAP, MaskOverlap
+from crowdseg.metrics.torch_metrics import MaskAP
+from crowdseg.models.boxinst import BoxInst, pad_to, paste_masks, postprocess
+from crowdseg.vis import overlay_masks, picture_slots, save_pictures, to_uint8_image, with_caption
+
+
+@dataclass
+class BoxInstSettings:
+    """Plain values of the losses, proposal sampling and inference (see the module docstring)."""
+    box_key: str = "boxes"                 # the batch key of the training boxes (e.g. "full_boxes")
+    center_radius: float = 1.5
+    sizes_of_interest: Sequence[float] = DEFAULT_SIZES_OF_INTEREST
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    topk_proposals_per_image: int = 64
+    projection_weight: float = 1.0
+    pairwise_weight: float = 1.0
+    pairwise_threshold: float = 0.3
+    pairwise_dilation: int = 2
+    pairwise_warmup: int = 10000
+    bottom_pixels_removed: float = 0.0
+    overlap_weight: float = 0.0            # lambda of OverlapLoss (2 crowds, 1 COCO; 0 = off)
+    overlap_normalization: str = "instances"
+    score_threshold: float = 0.05
+    pre_nms_topk: int = 1000
+    nms_threshold: float = 0.6
+    max_detections: int = 100
+    mask_threshold: float = 0.5
+    paste_chunk: int = 32
+    overlap_score_threshold: float = 0.3   # detections counted by the overlap metric
+    box_masks: bool = False                # the box baseline: every detected box filled as its mask
+
+
+@dataclass
+class SolverSettings:
+    """SGD (momentum) or AdamW with a linear warm-up and step decays at `milestones` (in steps)."""
+    lr: float = 0.01
+    backbone_lr: Optional[float] = None    # None: `lr`
+    weight_decay: float = 1e-4
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    milestones: Sequence[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_steps: int = 1000
+    warmup_factor: float = 0.001
+
+
+def select_proposals(scores: torch.Tensor, image_index: torch.Tensor, gt_index: torch.Tensor, num_images: int,
+                     topk_per_image: int) -> torch.Tensor:
+    """Keep at most max(topk_per_image // G_b, 1) positives per GT (G_b GTs with positives in image b),
+    the best by `scores`. Vectorised. scores, image_index, gt_index: (P,) -> kept indices (K,) into P.
+
+    topk_per_image <= 0 keeps every positive.
+    """
+    if topk_per_image <= 0 or scores.numel() == 0:
+        return torch.arange(scores.numel(), device=scores.device)
+    span = int(gt_index.max()) + 1
+    unique_groups, dense = torch.unique(image_index * span + gt_index, return_inverse=True)
+    gts_per_image = torch.bincount(unique_groups // span, minlength=num_images)
+    per_gt = (topk_per_image // gts_per_image.clamp_min(1)).clamp_min(1)
+    # rank within each group by descending score: sort by score, then stably by group
+    order = torch.argsort(scores, descending=True)
+    order = order[torch.argsort(dense[order], stable=True)]
+    sorted_groups = dense[order]
+    starts = torch.searchsorted(sorted_groups, torch.arange(len(unique_groups), device=scores.device))
+    rank = torch.arange(len(order), device=scores.device) - starts[sorted_groups]
+    keep = rank < per_gt[image_index[order]]
+    return order[keep].sort().values
+
+
+class BoxInstModule(StageHooks, L.LightningModule):
+    """Train / evaluate a `BoxInst` from boxes (see the module docstring).
+
+    Logs ``train/loss``, ``train/{cls,box,ctrness,projection,pairwise,overlap,pairwise_factor,
+    num_pos,proposals}`` and ``<stage>/{mask_ap,mask_ap50,mask_ap75,mask_aps,mask_apm,mask_apl,
+    box_ap,box_ap50,box_ap75,overlap,overlapping,detections}`` for val and test; writes
+    ``<run_dir>/metrics/<stage>.json`` and overlays to ``<run_dir>/pictures/``.
+    """
+
+    monitor = ("val/mask_ap", "max")
+
+    def __init__(self, model: BoxInst, settings: BoxInstSettings = BoxInstSettings(),
+                 solver: SolverSettings = SolverSettings(), run_dir: Optional[Path] = None, num_pictures: int = 4,
+                 seed: int = 0):
+        super().__init__()
+        self.model, self.settings, self.solver = model, settings, solver
+        self.run_dir, self.num_pictures, self.seed = run_dir, num_pictures, seed
+        self.mask_ap = nn.ModuleDict({s: MaskAP() for s in ("val", "test")})
+        self.box_ap = nn.ModuleDict({s: BoxAP() for s in ("val", "test")})
+        self.overlap = nn.ModuleDict({s: MaskOverlap() for s in ("val", "test")})
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(pad_to(images))
+
+    # ---------------------------------------------------------------------------------- training
+    def _boxes(self, batch: dict[str, Any], key: Optional[str] = None) -> list[torch.Tensor]:
+        """The training boxes of every image, clipped to the image."""
+        boxes = batch.get(key or self.settings.box_key)
+        if boxes is None:
+            raise KeyError(f"the batch has no {key or self.settings.box_key!r} (boxinst.loss.box_key)")
+        out = []
+        for b, (h, w) in zip(boxes, batch["image_size"].tolist()):
+            b = b.to(self.device).float().reshape(-1, 4).clone()
+            b[:, 0::2] = b[:, 0::2].clamp(0, w - 1)
+            b[:, 1::2] = b[:, 1::2].clamp(0, h - 1)
+            out.append(b)
+        return out
+
+    def _num_positives(self, count: torch.Tensor) -> float:
+        """The positives per image batch averaged over ranks (FCOS normalises by it)."""
+        trainer = self._trainer  # None when the module runs on its own (benchmarks)
+        if trainer is not None and trainer.world_size > 1:
+            count = trainer.strategy.reduce(count.float(), reduce_op="mean")
+        return float(count)
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(self.global_step) * 101 + self.global_rank)
+
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        s = self.settings
+        images = pad_to(batch["image"])
+        outputs = self.model(images)
+        boxes = self._boxes(batch)
+        ignore = batch.get("ignore_boxes")
+        targets = [fcos_targets(outputs["locations"], outputs["levels"], self.model.strides, b, None,
+                                ignore[i].to(self.device) if ignore is not None else None, s.sizes_of_interest,
+                                s.center_radius) for i, b in enumerate(boxes)]
+        labels = torch.stack([t.labels for t in targets])
+        losses = fcos_losses(outputs["cls_logits"], outputs["box_ltrb"], outputs["ctrness"], outputs["locations"],
+                             targets, self._num_positives((labels >= 0).sum()), s.focal_alpha, s.focal_gamma)
+
+        image_index, location_index = torch.nonzero(labels >= 0, as_tuple=True)
+        gt_local = torch.stack([t.gt_index for t in targets])[image_index, location_index]
+        with torch.no_grad():
+            scores = (outputs["cls_logits"][image_index, location_index].sigmoid().amax(-1)
+                      * outputs["ctrness"][image_index, location_index].sigmoid())
+        keep = select_proposals(scores, image_index, gt_local, len(boxes), s.topk_proposals_per_image)
+        image_index, location_index, gt_local = image_index[keep], location_index[keep], gt_local[keep]
+        mask_logits = self.model.mask_logits(outputs, image_index, location_index)        # (P, H/4, W/4)
+
+        height, width = images.shape[-2:]
+        stride = self.model.mask_out_stride
+        offsets = torch.tensor([0] + [len(b) for b in boxes], device=self.device).cumsum(0)
+        gt_global = offsets[image_index] + gt_local
+        all_boxes = torch.cat(boxes) if boxes else torch.zeros(0, 4, device=self.device)
+        targets_b = box_masks(all_boxes[gt_global], height, width, stride)
+        projection = projection_loss(mask_logits, targets_b)
+        scale = torch.tensor([float(m.get("scale", 1.0)) for m in batch["meta"]], device=self.device)
+        valid = image_valid_masks(batch["image_size"].to(self.device), height, width, stride,
+                                  s.bottom_pixels_removed * scale)
+        with torch.no_grad():
+            similarity = color_similarity(image_lab(images, stride), valid, 3, s.pairwise_dilation)
+        factor = warmup_factor(self.global_step, s.pairwise_warmup)
+        pairwise = pairwise_loss(mask_logits, similarity[image_index], targets_b, s.pairwise_threshold, 3,
+                                 s.pairwise_dilation)
+        total = (losses["cls"] + losses["box"] + losses["ctrness"] + s.projection_weight * projection
+                 + s.pairwise_weight * factor * pairwise)
+        out = {"cls": losses["cls"], "box": losses["box"], "ctrness": losses["ctrness"], "projection": projection,
+               "pairwise": pairwise, "pairwise_factor": torch.tensor(factor), "num_pos": losses["num_pos"],
+               "proposals": torch.tensor(float(len(keep)))}
+        if s.overlap_weight > 0:
+            chosen = sample_one_per_group(gt_global, self._generator())
+            overlap = overlap_loss(mask_logits.sigmoid(), gt_global, image_index, chosen, s.overlap_normalization)
+            total = total + s.overlap_weight * overlap
+            out["overlap"] = overlap
+        out["loss"] = total
+        return out
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(batch)
+        log_losses(self, losses, len(batch["image"]))
+        return losses["loss"]
+
+    # -------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def predict_instances(self, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """Per image: {"masks" (K, H, W) bool at the original size, "scores" (K,), "boxes" (K, 4) in
+        original pixels, "labels" (K,), "locations" (K,)}, best score first."""
+        s = self.settings
+        images = pad_to(batch["image"])
+        outputs = self.model(images)
+        sizes = batch["image_size"].to(self.device)
+        detections = postprocess(outputs, sizes, s.score_threshold, s.pre_nms_topk, s.nms_threshold, s.max_detections)
+        originals = batch.get("orig_instance_map")
+        results = []
+        for b, det in enumerate(detections):
+            h, w = (int(v) for v in sizes[b])
+            if originals is not None:
+                out_size = tuple(originals[b].shape[-2:])
+            else:
+                out_size = (h, w)
+            boxes = det["boxes"].clone()
+            boxes[:, 0::2] *= out_size[1] / w
+            boxes[:, 1::2] *= out_size[0] / h
+            if s.box_masks:
+                masks = filled_boxes(boxes, out_size)
+            else:
+                logits = self.model.mask_logits(outputs, torch.full_like(det["locations"], b), det["locations"])
+                masks = paste_masks(logits, (h, w), out_size, self.model.mask_out_stride, s.mask_threshold,
+                                    s.paste_chunk)
+            results.append({"masks": masks, "scores": det["scores"], "boxes": boxes, "labels": det["labels"],
+                            "locations": det["locations"]})
+        return results
+
+    def _targets(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """GT instance maps at the original size (the eval transform's padding cut off)."""
+        if batch.get("orig_instance_map") is not None:
+            return [m.to(self.device) for m in batch["orig_instance_map"]]
+        if batch.get("instance_map") is None:
+            raise KeyError("evaluation needs instance masks (`instance_map`); this dataset has none")
+        return [m[:h, :w].to(self.device) for m, (h, w) in zip(batch["instance_map"], batch["image_size"].tolist())]
+
+    def _eval_step(self, stage: str, batch: dict[str, Any], batch_idx: int) -> None:
+        s = self.settings
+        predictions = self.predict_instances(batch)
+        targets = self._targets(batch)
+        self.mask_ap[stage].update([{"masks": p["masks"], "scores": p["scores"]} for p in predictions],
+                                   [{"instance_map": t} for t in targets])
+        gt_boxes = batch.get(s.box_key) if batch.get(s.box_key) is not None else batch.get("boxes")
+        if gt_boxes is not None:
+            scale = [float(m.get("scale", 1.0)) for m in batch["meta"]]
+            self.box_ap[stage].update([p["boxes"] for p in predictions], [p["scores"] for p in predictions],
+                                      [g.to(self.device).float() / sc for g, sc in zip(gt_boxes, scale)])
+        self.overlap[stage].update([p["masks"][p["scores"] >= s.overlap_score_threshold] for p in predictions])
+        self._save_pictures(stage, batch, batch_idx, predictions)
+
+    def _end_stage(self, stage: str) -> dict[str, float]:
+        return finish_stage(self, stage, [self.mask_ap[stage], self.box_ap[stage], self.overlap[stage]], self.run_dir,
+                            keep=lambda key: not key.startswith("mask_ar"))
+
+    def predict_step(self, batch, batch_idx):
+        out = []
+        for meta, p in zip(batch["meta"], self.predict_instances(batch)):
+            out.append({"name": meta.get("name"), "instance_map": instance_map(p["masks"], p["scores"],
+                                                                              self.settings.overlap_score_threshold).cpu(),
+                        "scores": p["scores"].cpu(), "boxes": p["boxes"].cpu()})
+        return out
+
+    def _save_pictures(self, stage: str, batch, batch_idx: int, predictions) -> None:
+        if self.run_dir is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        pictures = []
+        for i, number in picture_slots(batch_idx, len(batch["image"]), self.num_pictures):
+            p = predictions[i]
+            ids = instance_map(p["masks"], p["scores"], self.settings.overlap_score_threshold).cpu().numpy()
+            h, w = batch["image_size"][i].tolist()
+            image = to_uint8_image(batch["image"][i, :, :h, :w])
+            if image.shape[:2] != ids.shape:
+                import cv2
+                image = cv2.resize(image, (ids.shape[1], ids.shape[0]), interpolation=cv2.INTER_LINEAR)
+            kept = int((p["scores"] >= self.settings.overlap_score_threshold).sum())
+            pictures.append((number, with_caption(overlay_masks(image, ids), f"{kept} masks (score >= "
+                                                  f"{self.settings.overlap_score_threshold:g})")))
+        save_pictures(self.run_dir, stage, pictures, self.loggers, self.global_step)
+
+    # -------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        o = self.solver
+        backbone_ids = {id(p) for p in self.model.backbone.parameters()}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if id(p) not in backbone_ids], "lr": o.lr},
+                  {"params": [p for p in params if id(p) in backbone_ids],
+                   "lr": o.lr if o.backbone_lr is None else o.backbone_lr}]
+        if o.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        elif o.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+        else:
+            raise ValueError(f"optimizer must be sgd or adamw, got {o.optimizer!r}")
+        schedule = lr_schedule(o.warmup_steps, o.warmup_factor, list(o.milestones), o.gamma)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class lr_schedule:
+    """Step -> learning-rate factor: linear warm-up from `warmup_factor` over `warmup_steps`, times
+    gamma ** (number of milestones passed). A class (not a lambda) so the scheduler pickles."""
+
+    def __init__(self, warmup_steps: int, warmup_factor: float, milestones: Sequence[int], gamma: float):
+        self.warmup_steps, self.warmup_factor = warmup_steps, warmup_factor
+        self.milestones, self.gamma = sorted(milestones), gamma
+
+    def __call__(self, step: int) -> float:
+        factor = self.gamma ** sum(step >= m for m in self.milestones)
+        if step < self.warmup_steps:
+            alpha = step / self.warmup_steps
+            factor *= self.warmup_factor * (1 - alpha) + alpha
+        return factor
+
+
+def filled_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(K, H, W) bool: pixel (i, j) is on when its centre (j, i) lies in box k (xyxy, pixel-index coordinates)."""
+    h, w = size
+    ys = torch.arange(h, device=boxes.device, dtype=boxes.dtype)
+    xs = torch.arange(w, device=boxes.device, dtype=boxes.dtype)
+    in_y = (ys[None] >= boxes[:, 1:2]) & (ys[None] <= boxes[:, 3:4])
+    in_x = (xs[None] >= boxes[:, 0:1]) & (xs[None] <= boxes[:, 2:3])
+    return in_y[:, :, None] & in_x[:, None, :]
+
+
+def instance_map(masks: torch.Tensor, scores: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
+    """(H, W) long id map of masks (K, H, W) with score >= threshold; id k + 1 = mask k, the higher
+    score wins where masks overlap."""
+    h, w = masks.shape[-2:]
+    out = torch.zeros((h, w), dtype=torch.long, device=masks.device)
+    keep = torch.nonzero(scores >= threshold).flatten()
+    keep = keep[scores[keep].argsort()]
+    for k in keep.tolist():  # lowest score first, so the best is painted last
+        out[masks[k]] = k + 1
+    return out
+
+
+__all__ = ["BoxInstModule", "BoxInstSettings", "SolverSettings", "select_proposals", "instance_map", "filled_boxes",
+           "lr_schedule"]
