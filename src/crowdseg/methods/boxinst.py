@@ -197,9 +197,31 @@ def load_model_weights(model, path: str | Path) -> None:
         raise ConfigError(f"key 'boxinst.init_ckpt': {path} does not fit boxinst.model ({str(err).splitlines()[0]})") from None
 
 
+def _dataset(cfg: DictConfig, split: str, transform, names=None):
+    """A split of `data` (the synthetic crowd with its whole-person boxes too)."""
+    from crowdseg.data import dataset_options
+    from datamodules.dataset import build_dataset
+
+    opts = dataset_options(cfg, split)
+    if cfg.data.name == "synthetic":
+        opts["full_boxes"] = True  # the whole-person boxes beside the visible ones
+        opts["person_scale"] = cfg.boxinst.input.synthetic_person_scale
+    return build_dataset(cfg.data.name, cfg.data.root, split, transform=transform, names=names, **opts)
+
+
+def _test_dataset(cfg: DictConfig, transform):
+    """The test split, built on first use (a module-level function: DDP spawn pickles it)."""
+    from crowdseg.data import split_names
+
+    data = cfg.data
+    return _dataset(cfg, data.test_split, transform, split_names(cfg, data.test_split, "test_list") if data.test_list else None)
+
+
 def build_datamodule(cfg: DictConfig):
     """Training set (labeled images of `data`, boxes only), val / test sets with instance masks."""
-    from crowdseg.data import dataset_options, plan_split, split_names, train_transform
+    from functools import partial
+
+    from crowdseg.data import plan_split, split_names, train_transform
     from datamodules.dataset import build_dataset
     from datamodules.detection import DetectionDataModule
     from datamodules.short_side import ShortSideEvalTransform, ShortSideTrainTransform
@@ -211,16 +233,7 @@ def build_datamodule(cfg: DictConfig):
         train_tf = train_transform(cfg)
     eval_tf = ShortSideEvalTransform(inp.test_short_side, inp.max_size)
 
-    def options(split: str) -> dict[str, Any]:
-        opts = dataset_options(cfg, split)
-        if data.name == "synthetic":
-            opts["full_boxes"] = True  # the whole-person boxes beside the visible ones
-            opts["person_scale"] = inp.synthetic_person_scale
-        return opts
-
-    def dataset(split: str, transform, names=None):
-        return build_dataset(data.name, data.root, split, transform=transform, names=names, **options(split))
-
+    dataset = partial(_dataset, cfg)
     ev = cfg.boxinst.eval_data
     if ev.name is not None:
         extra = OmegaConf.to_container(ev.reader_options, resolve=True)
@@ -239,11 +252,8 @@ def build_datamodule(cfg: DictConfig):
             val = dataset(data.train_split, eval_tf, split.val)
         else:
             val = dataset(data.val_split, eval_tf, split_names(cfg, data.val_split, "val_list") if data.val_list else None)
-
-        def test():
-            return dataset(data.test_split, eval_tf, split_names(cfg, data.test_split, "test_list") if data.test_list else None)
         module = DetectionDataModule(train, val, None, data.batch_size, data.eval_batch_size, data.num_workers)
-        module.datasets["test"] = module.datasets["predict"] = test
+        module.datasets["test"] = module.datasets["predict"] = partial(_test_dataset, cfg, eval_tf)
     module.label_split = split
     return module
 
