@@ -7,7 +7,10 @@ px), `XMaskModule.compute_losses` + backward + Adam step:
 - teacher-student in each phase (semi weight 1): split by the module's own timers into teacher forward,
   pseudo masks (phases 2-3), the student's labeled part (forward + loss), the student's unlabeled part
   (forward + loss), and backward + optimizer step + EMA update.
-Each time is the median over `--repeats` runs after one warm-up run.
+Each time is the median over `--repeats` runs after one warm-up run. The networks are randomly
+initialised: about half of the cells have logit > 0 and nearly all are teacher candidates
+(logit >= logit(0.1)), the worst case for pseudo masks and the discriminative loss; `--decoder-bias`
+shifts every logit (e.g. -2: few candidates, closer to a teacher after phase 1).
 
 Part 2 builds the pseudo instance map of one (`--height` x `--width`) image with N heads at uniform
 random positions and a random unit 16-d embedding (energy threshold 0.8, lambda 0.6, smoothing
@@ -17,7 +20,7 @@ N // 50 subsampling). It reports time, time per head, the number of (point, pixe
 growth exponent between consecutive N (1 = linear).
 
 Usage: .venv/bin/python benchmarks/xmask_step.py [--device cpu] [--backbone resnet18] [--batch 4]
-       [--size 256] [--repeats 3] [--heads 250 500 1000 2000 4000] [--height 768 --width 1024]
+       [--size 256] [--repeats 3] [--decoder-bias 0] [--heads 250 500 1000 2000 4000] [--height 768 --width 1024]
        [--reference-max 500] [--out benchmarks/results/xmask_step.json]
 """
 from __future__ import annotations
@@ -76,6 +79,11 @@ def make_batch(args, device):
 def make_module(args, phase: int, semi: bool, device) -> XMaskModule:
     torch.manual_seed(0)
     net = XMaskNet(create_backbone(args.backbone, None, (8, 16)))
+    if args.decoder_bias:  # shift every logit (ch1 - ch0) by this: fewer candidate cells, as after phase 1
+        out = net.decoder.body[-2]  # conv to 2 * 4 channels before PixelShuffle(2): 0-3 -> ch0, 4-7 -> ch1
+        with torch.no_grad():
+            out.bias[:4] -= args.decoder_bias / 2
+            out.bias[4:] += args.decoder_bias / 2
     ends = {1: (10 ** 6, 10 ** 6), 2: (0, 10 ** 6), 3: (0, 0)}[phase]
     schedule = PhaseSchedule(unit="step", phase1_end=ends[0], phase2_end=ends[1], semi_warmup=-1, ramp_rate=1.0)
     module = XMaskModule(net, schedule, OPTIM, semi=semi, eval_teacher=False).to(device)
@@ -185,6 +193,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--people", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decoder-bias", type=float, default=0.0,
+                   help="add to every logit of the (random) network; 0: random init, where nearly every cell is a "
+                        "teacher candidate (the worst case)")
     p.add_argument("--heads", type=int, nargs="+", default=[250, 500, 1000, 2000, 4000])
     p.add_argument("--height", type=int, default=768)
     p.add_argument("--width", type=int, default=1024)

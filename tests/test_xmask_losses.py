@@ -65,7 +65,15 @@ def test_disc_pixel_pairs_match_a_dense_reference():
         inside = ((xs - p[0]) ** 2 + (ys - p[1]) ** 2) <= r ** 2
         want |= {(i, int(k)) for k in torch.nonzero(inside.reshape(-1)).squeeze(1)}
     assert got == want
-    assert disc_union(points, 3.0, (20, 30)).sum() > 0
+
+
+def test_disc_union_both_ways_agree():
+    torch.manual_seed(0)
+    ys, xs = torch.meshgrid(torch.arange(20.0), torch.arange(30.0), indexing="ij")
+    for n in (3, 400):  # pairs / KD-tree
+        points = torch.rand(n, 2) * torch.tensor([30.0, 20.0])
+        d2 = ((xs[None] - points[:, 0, None, None]) ** 2 + (ys[None] - points[:, 1, None, None]) ** 2).amin(0)
+        assert torch.equal(disc_union(points, 3.5, (20, 30)), d2 <= 3.5 ** 2)
 
 
 def test_gaussian_smooth_keeps_constants_inside_and_identity_for_k1():

@@ -120,13 +120,26 @@ def disc_pixel_pairs(points: Tensor, radii: Tensor, size: tuple[int, int]) -> tu
 
 
 def disc_union(points: Tensor, radius: float, size: tuple[int, int]) -> Tensor:
-    """(H, W) bool: pixels within `radius` of any point (XMask's invalid zones around unsure points)."""
+    """(H, W) bool: pixels within `radius` of any point (XMask's invalid zones around unsure points).
+
+    Few points: the pixels of each disc (`disc_pixel_pairs`); when the discs would cover the image
+    several times over (thousands of unsure points of an untrained teacher), one nearest-point query
+    per pixel (a KD-tree), whose cost does not grow with the number of discs."""
     H, W = size
-    out = torch.zeros(H * W, dtype=torch.bool, device=points.device)
-    if points.shape[0]:
-        _, pixels, _ = disc_pixel_pairs(points, torch.full((points.shape[0],), float(radius), device=points.device), size)
+    n = points.shape[0]
+    if n == 0:
+        return torch.zeros((H, W), dtype=torch.bool, device=points.device)
+    if n * (2 * math.ceil(radius) + 3) ** 2 <= 4 * H * W:
+        out = torch.zeros(H * W, dtype=torch.bool, device=points.device)
+        _, pixels, _ = disc_pixel_pairs(points, torch.full((n,), float(radius), device=points.device), size)
         out[pixels] = True
-    return out.view(H, W)
+        return out.view(H, W)
+    from scipy.spatial import cKDTree
+
+    ys, xs = np.mgrid[0:H, 0:W]
+    pixels = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float64)
+    dist, _ = cKDTree(points.detach().cpu().double().numpy()).query(pixels, k=1, distance_upper_bound=float(radius) + 1e-6)
+    return torch.from_numpy((dist <= float(radius)).reshape(H, W)).to(points.device)
 
 
 def sample_centres(embedding: Tensor, points: Tensor) -> Tensor:
