@@ -8,7 +8,8 @@ after a warm-up; the median of each is reported, and the overhead = median(with)
 The issue's target is < 10 %.
 
 Part 2 (dynamic head): `dynamic_mask_logits` (all N instances in one grouped 1x1 convolution per
-layer) vs. `dynamic_mask_logits_loop` (one instance at a time), forward only, 16 mask channels on a
+layer) and `dynamic_mask_logits_bmm` (one batched matrix product per layer) vs.
+`dynamic_mask_logits_loop` (one instance at a time), forward only, 16 mask channels on a
 `--feat` stride-8 map, N = 10 / 100 / 500; same outputs checked; median of `--repeats`.
 
 Part 3 (memory): in a fresh subprocess per variant (so the peak RSS is the variant's own), a BoxInst
@@ -93,7 +94,7 @@ def step_times(repeats: int) -> dict:
 
 
 def dynamic_head(repeats: int, feat: tuple[int, int], counts=(10, 100, 500)) -> list[dict]:
-    from crowdseg.models.boxinst import dynamic_mask_logits, dynamic_mask_logits_loop
+    from crowdseg.models.boxinst import dynamic_mask_logits, dynamic_mask_logits_bmm, dynamic_mask_logits_loop
 
     torch.manual_seed(0)
     h, w = feat
@@ -106,9 +107,12 @@ def dynamic_head(repeats: int, feat: tuple[int, int], counts=(10, 100, 500)) -> 
         soi = torch.full((n,), 64.0)
         args = (feats, 8, params, image_index, locations, soi)
         with torch.no_grad():
-            same = torch.allclose(dynamic_mask_logits(*args), dynamic_mask_logits_loop(*args), atol=1e-4)
+            reference = dynamic_mask_logits_loop(*args)
+            same = (torch.allclose(dynamic_mask_logits(*args), reference, atol=1e-4)
+                    and torch.allclose(dynamic_mask_logits_bmm(*args), reference, atol=1e-4))
             timing = {}
-            for name, fn in (("grouped", dynamic_mask_logits), ("loop", dynamic_mask_logits_loop)):
+            for name, fn in (("grouped", dynamic_mask_logits), ("bmm", dynamic_mask_logits_bmm),
+                             ("loop", dynamic_mask_logits_loop)):
                 fn(*args)
                 values = []
                 for _ in range(repeats):
@@ -116,8 +120,9 @@ def dynamic_head(repeats: int, feat: tuple[int, int], counts=(10, 100, 500)) -> 
                     fn(*args)
                     values.append(time.perf_counter() - start)
                 timing[name] = statistics.median(values)
-        rows.append({"instances": n, "feat": [h, w], "grouped_s": timing["grouped"], "loop_s": timing["loop"],
-                     "speedup": timing["loop"] / timing["grouped"], "same_output": bool(same)})
+        rows.append({"instances": n, "feat": [h, w], "grouped_s": timing["grouped"], "bmm_s": timing["bmm"],
+                     "loop_s": timing["loop"], "speedup": timing["loop"] / timing["grouped"],
+                     "bmm_speedup": timing["loop"] / timing["bmm"], "same_output": bool(same)})
     return rows
 
 
@@ -178,9 +183,11 @@ def main() -> None:
               f"{s['median_s']['without_overlap']:.3f} s, with {s['median_s']['with_overlap']:.3f} s, "
               f"overhead {100 * s['overhead']:+.1f} %; the loss alone {1000 * s['overlap_loss_alone_median_s']:.1f} ms")
     result["dynamic_head"] = dynamic_head(args.repeats, tuple(args.feat))
-    print(f"{'instances':>9s} {'grouped s':>10s} {'loop s':>10s} {'speedup':>8s} same")
+    print(f"{'instances':>9s} {'grouped s':>10s} {'bmm s':>10s} {'loop s':>10s} {'loop/grouped':>12s} "
+          f"{'loop/bmm':>9s} same")
     for row in result["dynamic_head"]:
-        print(f"{row['instances']:9d} {row['grouped_s']:10.4f} {row['loop_s']:10.4f} {row['speedup']:8.1f} {row['same_output']}")
+        print(f"{row['instances']:9d} {row['grouped_s']:10.4f} {row['bmm_s']:10.4f} {row['loop_s']:10.4f} "
+              f"{row['speedup']:12.2f} {row['bmm_speedup']:9.2f} {row['same_output']}")
     if not args.skip_memory:
         result["memory"] = memory(args.backbone, args.chunk)
         print(f"inference 1333x800, {args.backbone}, 300 detections: peak RSS over the built model")

@@ -155,3 +155,13 @@ def test_timm_backbone_by_name():
     with torch.no_grad():
         out = model(torch.rand(1, 3, 64, 64))  # a 1x1 P7: GroupNorm keeps 2 channels per group
     assert out["mask_feats"].shape == (1, 16, 8, 8)
+
+
+def test_dynamic_head_bmm_equals_grouped():
+    from crowdseg.models.boxinst import dynamic_mask_logits_bmm
+
+    torch.manual_seed(1)
+    feats = torch.randn(2, 16, 4, 5)
+    params = torch.randn(6, 233)
+    args = (feats, 8, params, torch.tensor([0, 1, 1, 0, 1, 0]), torch.rand(6, 2) * 30, torch.full((6,), 64.0))
+    assert torch.allclose(dynamic_mask_logits_bmm(*args), dynamic_mask_logits(*args), atol=1e-5)

@@ -256,6 +256,26 @@ def dynamic_mask_logits(mask_feats: torch.Tensor, mask_stride: int, params: torc
     return x.reshape(n, h, w)
 
 
+def dynamic_mask_logits_bmm(mask_feats: torch.Tensor, mask_stride: int, params: torch.Tensor, image_index: torch.Tensor,
+                            instance_locations: torch.Tensor, soi: torch.Tensor, channels: int = 8,
+                            num_layers: int = 3) -> torch.Tensor:
+    """`dynamic_mask_logits` with each 1x1 layer as one batched matrix product (N, out, in) @ (N, in, hw):
+    the same numbers, another kernel (`benchmarks/boxinst.py` compares the three on the machine at hand)."""
+    n = params.shape[0]
+    _, c, h, w = mask_feats.shape
+    if n == 0:
+        return mask_feats.new_zeros(0, h, w)
+    coords = relative_coords(instance_locations, h, w, mask_stride, soi).to(mask_feats.dtype)
+    x = torch.cat([coords, mask_feats[image_index]], dim=1).reshape(n, c + 2, h * w)
+    weights, biases = split_dynamic_params(params, c, channels, num_layers)
+    for layer, (weight, bias) in enumerate(zip(weights, biases)):
+        cout = bias.shape[0] // n
+        x = torch.baddbmm(bias.reshape(n, cout, 1).to(x.dtype), weight.reshape(n, cout, -1).to(x.dtype), x)
+        if layer < num_layers - 1:
+            x = F.relu(x)
+    return x.reshape(n, h, w)
+
+
 def dynamic_mask_logits_loop(mask_feats: torch.Tensor, mask_stride: int, params: torch.Tensor,
                              image_index: torch.Tensor, instance_locations: torch.Tensor, soi: torch.Tensor,
                              channels: int = 8, num_layers: int = 3) -> torch.Tensor:
