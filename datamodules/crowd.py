@@ -33,10 +33,18 @@ class CrowdDataModule(L.LightningDataModule):
         self.datasets = {"train": train, "val": val, "test": test, "predict": predict}
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
 
-    def _loader(self, stage: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def dataset(self, stage: str) -> Dataset:
+        """The dataset of `stage`; one given as a zero-argument factory (e.g. a test split that is not
+        on disk while training) is built on first use."""
         dataset = self.datasets[stage]
         if dataset is None:
             raise ConfigError(f"no {stage} dataset is configured")
+        if callable(dataset) and not isinstance(dataset, Dataset):
+            dataset = self.datasets[stage] = dataset()
+        return dataset
+
+    def _loader(self, stage: str, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(stage)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=collate_samples, persistent_workers=self.num_workers > 0,
                           drop_last=shuffle and len(dataset) >= batch_size)

@@ -37,6 +37,10 @@ class CrowdDataset(Dataset):
     def names(self) -> list[str]:
         return [r.name for r in self.records]
 
+    def point_counts(self) -> list[int]:
+        """The annotated count of every whole image (no decoding, no augmentation)."""
+        return [len(r.points) for r in self.records]
+
     def load_raw(self, index: int) -> RawSample:
         record = self.records[index]
         if self.cache is not None:
@@ -57,22 +61,21 @@ class CrowdDataset(Dataset):
                             self.transform if transform == "same" else transform, self.max_size, self.cache)
 
 
-def build_dataset(name: str, root: str | None, split: str, *, transform: Transform | None = None,
-                  on_bad_annotation: str = "fail", outside_tolerance: float = 1.0, verify_images: bool = False,
-                  max_size: int | None = None, cache_dir: str | None = None, num_workers: int = 0,
-                  masks_dir: str | None = None, names: Iterable[str] | None = None,
-                  exclude_names: Iterable[str] | None = None, progress: bool = True,
-                  **reader_options: Any) -> Dataset:
-    """The dataset `name` (a key of READERS, or "synthetic") read from `root`, split `split`.
-
-    on_bad_annotation: fail | skip | drop (datamodules/validation.py). max_size: resize so the long
-    side is at most this. cache_dir: build / reuse the preprocessing cache there (with
-    `num_workers` processes). masks_dir: instance-id maps named `<mask_stem(name)>.png|.npy`.
-    names / exclude_names: keep only / leave out these image file names. reader_options go to
-    the reader (e.g. `box_type` for CrowdHuman, `image_dir` for CIS and CrowdHuman).
-    """
+def list_names(name: str, root: str | None, split: str, **options: Any) -> list[str]:
+    """The image names of a split as its reader lists them (nothing decoded or validated);
+    `options` are those of `build_dataset` (only the reader's own are used)."""
     if name == "synthetic":
-        return _synthetic(split, transform, **reader_options)
+        return _synthetic(split, None, **options).names
+    reader, reader_options = _reader(name, root, {k: v for k, v in options.items() if k not in BUILD_OPTIONS})
+    records, _ = reader(root, split, **reader_options)
+    return [r.name for r in records]
+
+
+BUILD_OPTIONS = ("transform", "on_bad_annotation", "on_duplicate_points", "outside_tolerance", "verify_images",
+                 "max_size", "cache_dir", "num_workers", "masks_dir", "names", "exclude_names", "progress")
+
+
+def _reader(name: str, root: str | None, reader_options: dict[str, Any]):
     if name not in READERS:
         raise ConfigError(f"key 'data.name': unknown dataset {name!r}; known: synthetic, {', '.join(sorted(READERS))}")
     if root is None:
@@ -84,14 +87,38 @@ def build_dataset(name: str, root: str | None, split: str, *, transform: Transfo
     unknown = set(reader_options) - accepted
     if unknown:
         raise ConfigError(f"dataset {name!r}: unknown option(s) {sorted(unknown)}; the reader accepts {sorted(accepted)}")
+    return reader, reader_options
+
+
+def build_dataset(name: str, root: str | None, split: str, *, transform: Transform | None = None,
+                  on_bad_annotation: str = "fail", on_duplicate_points: str = "drop", outside_tolerance: float = 1.0,
+                  verify_images: bool = False,
+                  max_size: int | None = None, cache_dir: str | None = None, num_workers: int = 0,
+                  masks_dir: str | None = None, names: Iterable[str] | None = None,
+                  exclude_names: Iterable[str] | None = None, progress: bool = True,
+                  **reader_options: Any) -> Dataset:
+    """The dataset `name` (a key of READERS, or "synthetic") read from `root`, split `split`.
+
+    on_bad_annotation: fail | skip | drop, on_duplicate_points: drop | fail (datamodules/validation.py). max_size: resize so the long
+    side is at most this. cache_dir: build / reuse the preprocessing cache there (with
+    `num_workers` processes). masks_dir: instance-id maps named `<mask_stem(name)>.png|.npy`.
+    names / exclude_names: keep only / leave out these image file names. reader_options go to
+    the reader (e.g. `box_type` for CrowdHuman, `image_dir` for CIS and CrowdHuman).
+    """
+    if name == "synthetic":
+        dataset = _synthetic(split, transform, **reader_options)
+        return dataset if names is None else dataset.subset(names)
+    reader, reader_options = _reader(name, root, reader_options)
     records, problems = reader(root, split, **reader_options)
     records = _select(records, names, exclude_names, name)
     if masks_dir is not None:
         problems += _attach_masks(records, Path(masks_dir))
-    records = validate(records, problems, on_bad_annotation, outside_tolerance, verify_images, dataset=name)
+    records = validate(records, problems, on_bad_annotation, outside_tolerance, verify_images, dataset=name,
+                       on_duplicate_points=on_duplicate_points)
     cache = None
     if cache_dir is not None:
-        options = {**reader_options, "on_bad_annotation": on_bad_annotation, "outside_tolerance": outside_tolerance,
+        options = {**reader_options, "on_bad_annotation": on_bad_annotation, "on_duplicate_points": on_duplicate_points,
+                   "outside_tolerance": outside_tolerance,
                    "masks_dir": str(masks_dir) if masks_dir else None}
         cache = PreprocessCache(cache_dir, cache_params(name, root, split, max_size, options, records))
         failed = cache.build(records, num_workers=num_workers, progress=progress)

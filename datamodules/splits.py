@@ -116,14 +116,18 @@ def train_names_from_root(dataset: str, root: str | Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # reading split files and published protocol lists
 
-def read_name_list(path: str | Path) -> list[str]:
-    """Names listed one per line (blank lines and `#` comments ignored; paths reduced to file names)."""
+def read_name_lines(path: str | Path) -> list[tuple[str, int]]:
+    """(name, line number) of the names listed one per line in `path` (blank lines and `#` comments
+    ignored, paths reduced to file names), as published lists are written: a blank first line or no
+    final newline is fine; a name listed twice fails, naming both lines."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
         raise DataError(f"{path}: split file not found") from None
-    names, seen = [], {}
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the split file ({err.strerror})") from None
+    found, seen = [], {}
     for lineno, line in enumerate(lines, start=1):
         text = line.split("#", 1)[0].strip()
         if not text:
@@ -134,8 +138,22 @@ def read_name_list(path: str | Path) -> list[str]:
         if name in seen:
             raise DataError(f"{path}:{lineno}: {name} is listed twice (first on line {seen[name]})")
         seen[name] = lineno
-        names.append(name)
-    return names
+        found.append((name, lineno))
+    return found
+
+
+def read_name_list(path: str | Path) -> list[str]:
+    """The names of `read_name_lines(path)`."""
+    return [name for name, _ in read_name_lines(path)]
+
+
+def carve(names: Iterable[str], fraction: float, total: int, seed: int) -> list[str]:
+    """round(`fraction` % of `total`) names (at least 1) drawn from `names` for a val set, by a
+    sha256 ranking of its own ("val:<seed>:<name>"), so it does not move with the label split seed."""
+    names = sorted(set(names), key=natural_key)
+    n = min(len(names), max(1, math.floor(fraction / 100 * total + 0.5)))
+    order = sorted(names, key=lambda name: hashlib.sha256(f"val:{seed}:{name}".encode()).hexdigest())
+    return sorted(order[:n], key=natural_key)
 
 
 def load_split(dataset: str, fraction: float, seed: int, train_names: Iterable[str] | None = None,

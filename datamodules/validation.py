@@ -75,7 +75,8 @@ def check_record(record: Record, outside_tolerance: float = 1.0, verify_image: b
         if len(dup):
             x, y = pts[dup[0]]
             problems.append(Problem(record.source, f"{len(dup)} duplicate point(s), e.g. point index {dup[0]} "
-                                                   f"repeats x={x:.2f} y={y:.2f}", record=name, point_indices=dup))
+                                                   f"repeats x={x:.2f} y={y:.2f}", record=name, point_indices=dup,
+                                    duplicate=True))
     if record.boxes is not None and len(record.boxes):
         b = record.boxes
         bad_box = ~np.isfinite(b).all(axis=1)
@@ -147,9 +148,20 @@ def _report(problems: list[Problem], n_before: int, n_after: int, dropped: dict[
 
 
 def validate(records: list[Record], problems: list[Problem], policy: str = "fail", outside_tolerance: float = 1.0,
-             verify_images: bool = False, dataset: str = "") -> list[Record]:
-    """Check every record, then apply `policy` to the reader's and the checks' problems."""
+             verify_images: bool = False, dataset: str = "", on_duplicate_points: str = "drop") -> list[Record]:
+    """Check every record, then apply `policy` to the reader's and the checks' problems.
+
+    Exact duplicate points (the same head annotated twice, as in ShanghaiTech's official ground truth)
+    are dropped with a report when `on_duplicate_points` is "drop", and follow `policy` when "fail"."""
+    if on_duplicate_points not in ("drop", "fail"):
+        raise ConfigError(f"key 'data.on_duplicate_points': expected drop or fail, got {on_duplicate_points!r}")
     problems = list(problems)
     for record in records:
         problems += check_record(record, outside_tolerance, verify_images)
+    if on_duplicate_points == "drop" and policy != "drop":
+        duplicates = [p for p in problems if p.duplicate]
+        problems = [p for p in problems if not p.duplicate]
+        records = apply_policy(records, problems, policy, dataset)
+        kept = {r.name for r in records}
+        return apply_policy(records, [p for p in duplicates if p.record in kept], "drop", dataset)
     return apply_policy(records, problems, policy, dataset)

@@ -48,7 +48,9 @@ def test_nan_point(folder):
 def test_duplicate_point(folder):
     _set_points(folder, "a", [(5.0, 5.0), (20.0, 30.0), (5.0, 5.0)])
     with pytest.raises(DataError, match=r"jsons/a\.json: 1 duplicate point\(s\), e\.g\. point index 2 repeats x=5\.00 y=5\.00"):
-        build_dataset("cclabeler", str(folder), "all")
+        build_dataset("cclabeler", str(folder), "all", on_duplicate_points="fail")
+    dropped = build_dataset("cclabeler", str(folder), "all")  # the default drops the repeat, with a report
+    assert len(dropped.records[0].points) == 2
 
 
 def test_declared_count_mismatch_names_the_key(folder):

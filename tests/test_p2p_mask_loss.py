@@ -28,8 +28,8 @@ def test_fast_dev_run_logs_counting_and_localization(experiment, tiny_overrides)
     assert result["global_step"] == 1 and torch.isfinite(torch.tensor(result["train/loss"]))
     mask_keys = {"train/mask_loss", "train/mask_background", "train/mask_unit_mass", "train/mask_skipped"}
     assert mask_keys <= set(result) if cfg.mask_loss.enabled else not mask_keys & set(result)
-    val = json.loads((Path(result["run_dir"]) / "metrics" / "val.json").read_text())
-    assert set(val) == {f"val/{k}" for k in COUNTING_KEYS | LOCALIZATION_KEYS}
+    val = json.loads((Path(result["run_dir"]) / "metrics" / "val.json").read_text())["metrics"]
+    assert set(val) == {f"val/{k}" for k in COUNTING_KEYS | LOCALIZATION_KEYS | {"mae_mean_baseline"}}
     # tp + fn is the number of GT points at both radii; precision and recall are fractions
     assert val["val/sigma_s_tp"] + val["val/sigma_s_fn"] == val["val/sigma_l_tp"] + val["val/sigma_l_fn"] > 0
     assert val["val/sigma_s_tp"] <= val["val/sigma_l_tp"]          # the 8 px radius matches at least as many

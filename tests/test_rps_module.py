@@ -158,7 +158,7 @@ def test_fit_then_test_reports_selected_and_original_metrics(rps_overrides):
     # 8 images in batches of 4: 2 rollouts of ppo_epochs updates each
     assert result["train/policy_updates"] == 2 * cfg.rps.ppo_epochs and 0 <= result["val/iou_c"] <= 1
     metrics = evaluate(cfg, "test")
-    written = json.loads((Path(result["run_dir"]) / "metrics" / "test.json").read_text())
+    written = json.loads((Path(result["run_dir"]) / "metrics" / "test.json").read_text())["metrics"]
     for key in ("mae", "rmse", "sigma_l_f1", "iou_c", "mask_ap", "point_iou"):
         for suffix in ("", "_original"):
             if key in ("mae", "rmse") and suffix:
@@ -186,22 +186,21 @@ def test_control_without_grpo_uses_the_proposer_points(rps_overrides):
 
 def test_config_errors_and_proposer_checkpoint(rps_overrides, tmp_path):
     from crowdseg.errors import ConfigError
-    from crowdseg.lit.rps import rps_module_from_config
+
+    def module(*overrides):
+        return build_job(load_config(EXPERIMENT, rps_overrides + list(overrides)), tmp_path).module
 
     with pytest.raises(ConfigError, match="rps.train_points"):
-        rps_module_from_config(load_config(EXPERIMENT, rps_overrides + ["rps.train_points=gt"]), tmp_path)
+        load_config(EXPERIMENT, rps_overrides + ["rps.train_points=gt"])   # checked at load time
     with pytest.raises(ConfigError, match="rps.proposer_ckpt.*not found"):
-        rps_module_from_config(load_config(EXPERIMENT, rps_overrides + [f"rps.proposer_ckpt={tmp_path / 'x.ckpt'}"]),
-                               tmp_path)
+        module(f"rps.proposer_ckpt={tmp_path / 'x.ckpt'}")
     # a p2p run's checkpoint holds the predictor under `model.`; its weights become the proposer's
-    donor = rps_module_from_config(load_config(EXPERIMENT, rps_overrides + ["model.anchor_rows=2"]), tmp_path)
+    donor = module("model.anchor_rows=2")
     with torch.no_grad():
         for p in donor.proposer.parameters():
             p.add_(1.0)
     ckpt = tmp_path / "p2p.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in donor.proposer.state_dict().items()}}, ckpt)
-    module = rps_module_from_config(load_config(EXPERIMENT, rps_overrides + [f"rps.proposer_ckpt={ckpt}"]), tmp_path)
-    assert _same(_state(module.proposer), _state(donor.proposer))
+    assert _same(_state(module(f"rps.proposer_ckpt={ckpt}").proposer), _state(donor.proposer))
     with pytest.raises(ConfigError, match="does not fit"):
-        rps_module_from_config(load_config(EXPERIMENT, rps_overrides + [f"rps.proposer_ckpt={ckpt}",
-                                                                         "model.fpn_channels=16"]), tmp_path)
+        module(f"rps.proposer_ckpt={ckpt}", "model.fpn_channels=16")

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -67,14 +66,10 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_overrides):
     command = [sys.executable, "-m", "crowdseg", "fit", str(EXPERIMENT), *overrides]
     run = Path(load_config(EXPERIMENT, overrides).runs_root) / "p2p/synthetic/p2p-synthetic-lf100-s0"
     last = run / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = _ckpt_step(last)
-    assert 2 <= killed_at < 8, "the run was not killed mid-training"
+    # the child kills itself (SIGKILL) after its 5th step: last.ckpt was written at step 4
+    killed = subprocess.run(command, cwd=ROOT, env=dict(env, CROWDSEG_KILL_AT_STEP="5"), capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert _ckpt_step(last) == 4, "the run was not killed mid-training"
     wandb_id = (run / "wandb_id").read_text()
 
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

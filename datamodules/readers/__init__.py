@@ -30,6 +30,7 @@ from datamodules.readers.cclabeler import read_cclabeler
 from datamodules.readers.coco import read_coco
 from datamodules.readers.common import Problem, Record
 from datamodules.readers.crowdhuman import read_crowdhuman
+from datamodules.readers.folder import read_folder
 from datamodules.readers.jhu import read_jhu
 from datamodules.readers.nwpu import read_nwpu
 from datamodules.readers.shanghaitech import read_shanghaitech
@@ -50,6 +51,7 @@ READERS: dict[str, Reader] = {
     "cis": read_coco,
     "coco": read_coco,
     "xmask": read_xmask,
+    "folder": read_folder,
 }
 
 __all__ = ["READERS", "Record", "Problem"]

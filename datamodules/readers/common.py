@@ -80,6 +80,7 @@ class Problem:
     message: str
     record: str | None = None
     point_indices: np.ndarray | None = None
+    duplicate: bool = False  # exact repeats of another point (data.on_duplicate_points)
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}"

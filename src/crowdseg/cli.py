@@ -17,17 +17,27 @@ USAGE = """crowdseg <command> [args]
 
 experiment commands (crowdseg <command> <experiment.yaml> [key=value ...]):
   fit        train; resumes from <run_dir>/checkpoints/last.ckpt when present
-  validate   evaluate on the validation split
-  test       evaluate on the test split
-  predict    write predictions of the test split
+  validate   evaluate on the validation split (the run's best.ckpt, else last.ckpt)
+  test       evaluate on the test split (same checkpoint rule)
+  predict    write per-image predictions (--images DIR for a folder; default the test split)
   config     print the resolved configuration
   show       write a PNG grid of augmented training samples (--n 8)
   masks      generate DPMO / EDP-SAM instance masks for a dataset split
+validate, test and predict also take a checkpoint alone: crowdseg test --ckpt RUN/checkpoints/best.ckpt [key=value ...]
 
 other commands:
   eval-loc   evaluate NWPU-format localization files (--gt FILE --pred FILE [--json])
   splits     write label-fraction split files (<dataset> --fractions 5 10 40 --seed S)
+
+methods (the `method:` key):
+{methods}
 """
+
+
+def usage() -> str:
+    from crowdseg.methods import METHODS
+    return USAGE.format(methods="\n".join(f"  {m.name:<10} {m.summary}" for m in METHODS.values()))
+
 
 # Commands with their own argument parser: "module:function" taking argv, returning an exit code.
 RAW_COMMANDS = {
@@ -41,10 +51,20 @@ def _resolve(target: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+EVAL_COMMANDS = ("validate", "test", "predict")
+
+
 def _experiment_parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"crowdseg {command}")
-    parser.add_argument("experiment", help="experiment YAML file")
+    takes_ckpt = command in EVAL_COMMANDS
+    parser.add_argument("experiment", nargs="?" if takes_ckpt else None, help="experiment YAML file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
+    if takes_ckpt:
+        parser.add_argument("--ckpt", default=None,
+                            help="a checkpoint of crowdseg fit; without an experiment, its stored config is used")
+    if command == "predict":
+        parser.add_argument("--images", default=None, help="a folder of images to predict (default: the test split)")
+        parser.add_argument("--out", default=None, help="output folder (default: <run_dir>/predictions/<folder>)")
     if command == "show":
         parser.add_argument("--n", type=int, default=8, help="number of samples in the grid")
         parser.add_argument("--out", default=None, help="PNG path (default: <run_dir>/pictures/samples.png)")
@@ -54,7 +74,24 @@ def _experiment_parser(command: str) -> argparse.ArgumentParser:
 def run_experiment_command(command: str, argv: Sequence[str]) -> int:
     from crowdseg.config import load_config, to_yaml
 
-    args = _experiment_parser(command).parse_intermixed_args(list(argv))
+    parser = _experiment_parser(command)
+    args = parser.parse_intermixed_args(list(argv))
+    if args.experiment is not None and "=" in args.experiment and not args.experiment.endswith((".yaml", ".yml")):
+        args.overrides, args.experiment = [args.experiment] + list(args.overrides), None
+    if command in EVAL_COMMANDS:
+        from crowdseg.train import evaluate
+        if args.experiment is None:
+            if not args.ckpt:
+                parser.error("give an experiment YAML file or --ckpt PATH")
+            from crowdseg.runs import config_from_checkpoint, run_dir_of_checkpoint
+            cfg = config_from_checkpoint(args.ckpt, args.overrides)
+            run_path = run_dir_of_checkpoint(args.ckpt)
+        else:
+            cfg = load_config(args.experiment, list(args.overrides) + ([f"ckpt_path={args.ckpt}"] if args.ckpt else []))
+            run_path = None
+        extra = {"images": args.images, "out": args.out} if command == "predict" else {}
+        _report(evaluate(cfg, command, run_path=run_path, **extra))
+        return 0
     cfg = load_config(args.experiment, args.overrides)
     if command == "config":
         print(to_yaml(cfg), end="")
@@ -62,10 +99,6 @@ def run_experiment_command(command: str, argv: Sequence[str]) -> int:
     if command == "fit":
         from crowdseg.train import train
         _report(train(cfg))
-        return 0
-    if command in ("validate", "test", "predict"):
-        from crowdseg.train import evaluate
-        _report(evaluate(cfg, command))
         return 0
     if command == "show":
         from crowdseg.show import show
@@ -105,7 +138,7 @@ EXPERIMENT_COMMANDS = ("fit", "validate", "test", "predict", "config", "show", "
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
+        print(usage(), end="")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     try:
@@ -113,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_experiment_command(command, rest)
         if command in RAW_COMMANDS:
             return int(_resolve(RAW_COMMANDS[command])(rest) or 0)
-        print(f"crowdseg: error: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
+        print(f"crowdseg: error: unknown command {command!r}\n\n{usage()}", end="", file=sys.stderr)
         return 2
     except CrowdsegError as err:
         print(f"crowdseg: error: {err}", file=sys.stderr)

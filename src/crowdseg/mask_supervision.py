@@ -14,7 +14,6 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from crowdseg.errors import ConfigError
-from crowdseg.lit.p2p import MASK_POINTS
 from crowdseg.losses.mask_counting import DensityMaskLoss, PointMaskLoss, SoftOnePointLoss
 
 log = logging.getLogger(__name__)
@@ -59,19 +58,9 @@ def require_training_masks(cfg: DictConfig, datamodule: Any) -> None:
                     "image without one skip the mask terms (train/mask_skipped)", cfg.data.name)
 
 
-def _check_values(ml: DictConfig) -> None:
-    if ml.points not in MASK_POINTS:
-        raise ConfigError(f"key 'mask_loss.points': {ml.points!r} is not one of {', '.join(MASK_POINTS)}")
-    if ml.temperature <= 0:
-        raise ConfigError(f"key 'mask_loss.temperature': must be > 0, got {ml.temperature}")
-    if ml.one_point_threshold <= 0:
-        raise ConfigError(f"key 'mask_loss.one_point_threshold': must be > 0, got {ml.one_point_threshold}")
-
-
 def point_mask_loss(cfg: DictConfig, datamodule: Any) -> Optional[PointMaskLoss]:
     """The p2p mask loss of `cfg.mask_loss`, or None when it is disabled (checks the data first)."""
     ml = cfg.mask_loss
-    _check_values(ml)
     if not ml.enabled:
         return None
     require_training_masks(cfg, datamodule)
@@ -85,7 +74,6 @@ def density_mask_losses(cfg: DictConfig, datamodule: Any, stride: int
     The soft one-point term is built only when `one_point_weight` > 0.
     """
     ml = cfg.mask_loss
-    _check_values(ml)
     if not ml.enabled:
         return None, None
     require_training_masks(cfg, datamodule)

@@ -25,13 +25,24 @@ from crowdseg.errors import ConfigError
 from crowdseg.io import atomic_path, write_text_atomic
 
 LAST = "last.ckpt"
+BEST = "best.ckpt"
+
+
+def label_fraction(cfg: DictConfig) -> float:
+    """The run's real label fraction (`labels.fraction`, recorded from its data), else the configured one."""
+    return cfg.labels.fraction if cfg.labels.fraction is not None else cfg.data.label_fraction
+
+
+def fraction_tag(cfg: DictConfig) -> str:
+    """"lf10", or "lf11.1" for a list holding 11.1 % of the images (3 significant digits)."""
+    return f"lf{float(f'{label_fraction(cfg):.3g}'):g}"
 
 
 def run_name(cfg: DictConfig) -> str:
-    """The configured name, else `<method>-<dataset>-lf<label %>-s<seed>`."""
+    """The configured name, else `<method>-<dataset>-lf<real label %>-s<seed>`."""
     if cfg.run_name:
         return cfg.run_name
-    return f"{cfg.method}-{cfg.data.name}-lf{cfg.data.label_fraction:g}-s{cfg.seed}"
+    return f"{cfg.method}-{cfg.data.name}-{fraction_tag(cfg)}-s{cfg.seed}"
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -44,11 +55,11 @@ def is_global_zero() -> bool:
         int(os.environ.get("NODE_RANK", "0")) == 0
 
 
-def prepare_run_dir(cfg: DictConfig, write_config: bool = True) -> Path:
+def prepare_run_dir(cfg: DictConfig, write_config: bool = True, path: Optional[Path] = None) -> Path:
     """Create the run directory (checking it is writable) and write `config.yaml` atomically.
 
     Evaluation commands pass `write_config=False`: the file records what was trained."""
-    path = run_dir(cfg)
+    path = path or run_dir(cfg)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe"):
@@ -62,6 +73,12 @@ def prepare_run_dir(cfg: DictConfig, write_config: bool = True) -> Path:
 
 def last_checkpoint(path: Path) -> Optional[Path]:
     ckpt = path / "checkpoints" / LAST
+    return ckpt if ckpt.is_file() else None
+
+
+def best_checkpoint(path: Path) -> Optional[Path]:
+    """The val-selected `best.ckpt` of a run directory, if validation has run."""
+    ckpt = path / "checkpoints" / BEST
     return ckpt if ckpt.is_file() else None
 
 
@@ -115,7 +132,7 @@ def build_loggers(cfg: DictConfig, path: Path) -> list[Logger]:
     if wb.mode != "disabled":
         loggers.append(WandbLogger(
             project=wb.project, entity=wb.entity, id=wandb_run_id(path), name=run_name(cfg),
-            group=f"{cfg.method}-lf{cfg.data.label_fraction:g}", tags=list(wb.tags) + [cfg.method, cfg.data.name],
+            group=f"{cfg.method}-{fraction_tag(cfg)}", tags=list(wb.tags) + [cfg.method, cfg.data.name],
             mode=wb.mode, save_dir=str(path), resume="allow", config=_plain(cfg)))
     else:
         wandb_run_id(path)
@@ -153,3 +170,27 @@ def build_checkpoint_callbacks(path: Path, every_n_train_steps: int, monitor: st
     best = ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode=mode, save_top_k=1, filename="best",
                            auto_insert_metric_name=False, enable_version_counter=False)
     return [LastCheckpoint(ckpt_dir, every_n_train_steps), best]
+
+
+def config_from_checkpoint(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The resolved config stored in a checkpoint of `crowdseg fit`, with `overrides` applied last
+    (e.g. `data.root=...` on another machine) and `ckpt_path` set to the checkpoint."""
+    import yaml
+
+    from crowdseg.config.load import _parse_overrides, compose
+    from crowdseg.train import CONFIG_KEY
+
+    path = check_checkpoint(ckpt)
+    stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get(CONFIG_KEY)
+    if stored is None:
+        raise ConfigError(f"key 'ckpt_path': {path} holds no crowdseg config (written by an older version?); "
+                          f"pass the experiment file too: crowdseg <command> <experiment.yaml> ckpt_path={path}")
+    layers = [(f"{path} (stored config)", yaml.safe_load(stored)),
+              ("command-line override", _parse_overrides([*overrides, f"ckpt_path={path}"]))]
+    return compose(layers)
+
+
+def run_dir_of_checkpoint(ckpt: str | Path) -> Path:
+    """`<run_dir>/checkpoints/x.ckpt` -> `<run_dir>`; a checkpoint elsewhere -> its folder."""
+    path = Path(ckpt).resolve()
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent

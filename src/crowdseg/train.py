@@ -1,101 +1,78 @@
 """`train(cfg)` and `evaluate(cfg, stage)`: the pure entry points the CLI and the tests both call."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import signal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
+from crowdseg.config import to_yaml
 from crowdseg.errors import ConfigError
-from crowdseg.runs import (AtomicCheckpointIO, build_checkpoint_callbacks, build_loggers, check_checkpoint,
-                           last_checkpoint, prepare_run_dir, run_dir)
+from crowdseg.methods import METHODS, Job, Method
+from crowdseg.metrics import write_metrics_json
+from crowdseg.runs import (AtomicCheckpointIO, best_checkpoint, build_checkpoint_callbacks, build_loggers,
+                           check_checkpoint, last_checkpoint, prepare_run_dir, run_dir)
+
+CONFIG_KEY = "crowdseg_config"  # a checkpoint's resolved config (YAML text)
 
 
-@dataclass
-class Job:
-    """What a method contributes to a run: its LightningModule and its DataModule."""
-    module: L.LightningModule
-    datamodule: L.LightningDataModule
-
-
-def optim_settings(cfg: DictConfig) -> dict[str, float]:
-    """The plain optimizer values a counting LightningModule takes (lit/common.adam_with_backbone_lr)."""
-    return {k: cfg.optim[k] for k in ("lr", "backbone_lr", "weight_decay", "step_size", "gamma")}
-
-
-def build_p2p(cfg: DictConfig, path: Path) -> Job:
-    from crowdseg.data import build_datamodule
-    from crowdseg.lit.p2p import PointPredictorModule
-    from crowdseg.losses.p2p import P2PLoss
-    from crowdseg.mask_supervision import point_mask_loss
-    from crowdseg.models.backbone import create_backbone
-    from crowdseg.models.p2p import PointPredictor
-
-    m, lo = cfg.model, cfg.loss
-    model = PointPredictor(create_backbone(m.backbone, m.pretrained, reductions=(8, 16)), m.fpn_channels,
-                           m.head_channels, m.anchor_rows, m.anchor_cols, m.regression_scale)
-    criterion = P2PLoss(lo.cost_class, lo.cost_point, lo.eos_coef, lo.point_loss_coef)
-    datamodule = build_datamodule(cfg)
-    module = PointPredictorModule(model, criterion, optim_settings(cfg), lo.score_threshold, path, cfg.logger.num_pictures,
-                                  point_mask_loss(cfg, datamodule), cfg.mask_loss.points)
-    return Job(module, datamodule)
-
-
-def build_density(cfg: DictConfig, path: Path) -> Job:
-    from crowdseg.data import build_datamodule
-    from crowdseg.lit.density import DensityModule
-    from crowdseg.losses.density import DensityLoss
-    from crowdseg.mask_supervision import density_mask_losses
-    from crowdseg.models.backbone import create_backbone
-    from crowdseg.models.density import DensityCounter
-
-    m, d = cfg.model, cfg.density
-    if d.activation not in ("softplus", "relu"):
-        raise ConfigError(f"key 'density.activation': {d.activation!r} is not one of softplus, relu")
-    if d.sigma <= 0:
-        raise ConfigError(f"key 'density.sigma': must be > 0, got {d.sigma}")
-    model = DensityCounter(create_backbone(m.backbone, m.pretrained, reductions=(8,)), list(d.channels), d.activation)
-    datamodule = build_datamodule(cfg)
-    mask_loss, one_point_loss = density_mask_losses(cfg, datamodule, model.stride)
-    module = DensityModule(model, DensityLoss(model.stride, d.sigma), optim_settings(cfg), mask_loss, one_point_loss,
-                           cfg.mask_loss.one_point_threshold, path, cfg.logger.num_pictures)
-    return Job(module, datamodule)
-
-
-def build_rps(cfg: DictConfig, path: Path) -> Job:
-    from crowdseg.data import build_datamodule
-    from crowdseg.lit.rps import rps_module_from_config
-
-    datamodule = build_datamodule(cfg)
-    return Job(rps_module_from_config(cfg, path, datamodule), datamodule)
-
-
-# method name -> builder. A plain dict: adding a method is one line here.
-METHODS: dict[str, Callable[[DictConfig, Path], Job]] = {
-    "p2p": build_p2p,
-    "density": build_density,
-    "rps": build_rps,
-}
+def trainable(cfg: DictConfig) -> Method:
+    method = METHODS[cfg.method]
+    if not method.trains:
+        raise ConfigError(f"key 'method': {cfg.method!r} trains nothing; "
+                          + ("run `crowdseg masks <experiment>`" if cfg.method == "dpmo" else "see its docs"))
+    return method
 
 
 def build_job(cfg: DictConfig, path: Path) -> Job:
-    if cfg.method not in METHODS:
-        raise ConfigError(f"key 'method': {cfg.method!r} has no training entry point yet "
-                          f"(available: {', '.join(sorted(METHODS))})")
-    return METHODS[cfg.method](cfg, path)
+    return trainable(cfg).build(cfg, path)
 
 
-def build_trainer(cfg: DictConfig, path: Path, job: Job, **overrides: Any) -> L.Trainer:
-    trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None}
+class KillAtStep(Callback):
+    """Test hook: SIGKILL this process once `step` training steps are done (env CROWDSEG_KILL_AT_STEP),
+    so kill-and-resume tests stop a child at a known point instead of after a sleep."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _test_hooks() -> list[Callback]:
+    step = os.environ.get("CROWDSEG_KILL_AT_STEP")
+    return [KillAtStep(int(step))] if step else []
+
+
+class StoreConfig(Callback):
+    """Puts the run's resolved config into every checkpoint, so a checkpoint alone describes its run."""
+
+    def __init__(self, cfg: DictConfig):
+        self.yaml = to_yaml(cfg)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CONFIG_KEY] = self.yaml
+
+
+def build_trainer(cfg: DictConfig, path: Path, job: Job, callbacks: Optional[list[Callback]] = None,
+                  **overrides: Any) -> L.Trainer:
+    # None means Lightning's own default, except for check_val_every_n_epoch, where it means "count
+    # val_check_interval in steps across epochs"
+    trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None or k == "check_val_every_n_epoch"}
     trainer_kwargs.update(overrides)
     monitor, mode = getattr(job.module, "monitor", ("val/loss", "min"))
     return L.Trainer(
         default_root_dir=str(path),
         logger=build_loggers(cfg, path),
-        callbacks=build_checkpoint_callbacks(path, cfg.checkpoint_every_n_steps, monitor, mode),
+        callbacks=build_checkpoint_callbacks(path, cfg.checkpoint_every_n_steps, monitor, mode)
+        + [StoreConfig(cfg)] + list(callbacks or []) + _test_hooks(),
         plugins=[AtomicCheckpointIO()],
         # a module with manual optimisation (rps) clips its gradients by hand; Lightning refuses to
         gradient_clip_val=cfg.optim.grad_clip if job.module.automatic_optimization else None,
@@ -103,22 +80,51 @@ def build_trainer(cfg: DictConfig, path: Path, job: Job, **overrides: Any) -> L.
     )
 
 
+def plan_run(cfg: DictConfig) -> tuple[DictConfig, Any]:
+    """(cfg with its `labels` record, the label split) for a method whose data follows `crowdseg.data`."""
+    from crowdseg.data import plan_split, with_label_record
+
+    split = plan_split(cfg)
+    return with_label_record(cfg, split, len(split.val) if split.val is not None else None), split
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured method; resume from `<run_dir>/checkpoints/last.ckpt` when it exists.
 
-    Returns the final logged metrics (floats) plus `run_dir` and `checkpoint`.
+    The labeled / unlabeled / val images are decided first and recorded in `cfg.labels` (and so in
+    `config.yaml`, the checkpoints, the metrics JSON and the wandb config), then the run directory is
+    written. Returns the final logged metrics (floats) plus `run_dir` and `checkpoint`.
     """
+    from crowdseg.data import write_split_files
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    path = prepare_run_dir(cfg)
+    trainable(cfg)
+    cfg, split = plan_run(cfg)
+    path = run_dir(cfg)
     job = build_job(cfg, path)
-    trainer = build_trainer(cfg, path, job)
+    if cfg.labels.val_images is None and job.datamodule.datasets.get("val") is not None:
+        cfg.labels.val_images = len(job.datamodule.datasets["val"])
     resume_from = last_checkpoint(path) if cfg.resume else None
     if resume_from is not None:
         check_checkpoint(resume_from)
+    prepare_run_dir(cfg)
+    from crowdseg.runs import is_global_zero
+    if is_global_zero():
+        written = write_split_files(path, split)
+        if split.source.startswith(tuple("0123456789")) or split.val is not None:
+            print(f"[crowdseg] labeled: {cfg.labels.labeled_images} images ({split.source}), unlabeled: "
+                  f"{cfg.labels.unlabeled_images}, val: {cfg.labels.val_images}; lists in {written[0].parent}", flush=True)
+    trainer = build_trainer(cfg, path, job)
     trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=str(resume_from) if resume_from else None)
     metrics = _floats(trainer.callback_metrics)
-    if "val/mae" in metrics and trainer.is_global_zero:
+    if "val/mae" in metrics:
         metrics["val/mae_mean_baseline"] = mean_count_baseline(job.datamodule)
+    if trainer.is_global_zero:
+        final = {k: v for k, v in metrics.items() if k.startswith("val/")}
+        if final:
+            write_metrics_json(path, "val", {"split": "val", "step": trainer.global_step, "images": cfg.labels.val_images,
+                                             "checkpoint": "end of training (last.ckpt)", "labels": _plain(cfg.labels),
+                                             "metrics": final})
     metrics.update(run_dir=str(path), checkpoint=str(last_checkpoint(path) or ""),
                    pictures=str(path / "pictures"), metrics_csv=str(path / "csv" / "metrics.csv"),
                    global_step=trainer.global_step)
@@ -126,43 +132,90 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def point_counts(dataset) -> list[int]:
-    """Ground-truth count of every image of `dataset` (its own `point_counts()` when it has one)."""
+    """Ground-truth count of every whole image of `dataset` (its own `point_counts()` when it has one)."""
     if hasattr(dataset, "point_counts"):
         return list(dataset.point_counts())
     return [len(dataset[i]["points"]) for i in range(len(dataset))]
 
 
 def mean_count_baseline(datamodule: L.LightningDataModule) -> float:
-    """Validation MAE of always predicting the training set's mean count: the bar a counter must beat."""
+    """Validation MAE of always predicting the mean count of the (labeled) training images, whole
+    images: the bar a counter must beat."""
     train_counts = point_counts(datamodule.datasets["train"])
     mean = sum(train_counts) / max(len(train_counts), 1)
     val_counts = point_counts(datamodule.datasets["val"])
     return sum(abs(c - mean) for c in val_counts) / max(len(val_counts), 1)
 
 
-def evaluate(cfg: DictConfig, stage: str = "validate") -> dict[str, Any]:
-    """Run `validate`, `test` or `predict` with the weights of `ckpt_path` (default: the run's last.ckpt)."""
+def default_checkpoint(path: Path) -> Optional[Path]:
+    """The run's val-selected best.ckpt, else its last.ckpt."""
+    return best_checkpoint(path) or last_checkpoint(path)
+
+
+def evaluate(cfg: DictConfig, stage: str = "validate", run_path: Optional[Path] = None,
+             images: Optional[str] = None, out: Optional[str] = None) -> dict[str, Any]:
+    """Run `validate`, `test` or `predict` with the weights of `ckpt_path` (default: the run's
+    val-selected best.ckpt, else last.ckpt). `run_path` overrides the run directory (a checkpoint
+    given without its experiment). `predict` writes per-image files (crowdseg.predict) for the
+    images of the folder `images` (default: the test split) into `out` (default:
+    `<run_dir>/predictions/<folder or split>`)."""
+    from crowdseg.predict import PredictionWriter, folder_dataset
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    path = run_dir(cfg)
-    ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else last_checkpoint(path)
+    trainable(cfg)
+    cfg, _ = plan_run(cfg)
+    path = run_path or run_dir(cfg)
+    ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else default_checkpoint(path)
     if ckpt is None:
         raise ConfigError(f"key 'ckpt_path': no checkpoint given and none in {path / 'checkpoints'}; "
                           f"train first (`crowdseg fit`) or pass ckpt_path=...")
     check_checkpoint(ckpt)
-    prepare_run_dir(cfg, write_config=False)
+    prepare_run_dir(cfg, write_config=False, path=path)
     job = build_job(cfg, path)
-    trainer = build_trainer(cfg, path, job)
-    run = {"validate": trainer.validate, "test": trainer.test, "predict": trainer.predict}[stage]
-    result = run(job.module, datamodule=job.datamodule, ckpt_path=str(ckpt))
+    split = {"validate": "val", "test": "test", "predict": "predict"}[stage]
+    callbacks = []
     if stage == "predict":
-        return {"predictions": result, "run_dir": str(path)}
+        if images is not None:
+            job.datamodule.datasets["predict"] = folder_dataset(cfg, images)
+        out_dir = Path(out) if out else path / "predictions" / (Path(images).name if images else cfg.data.test_split)
+        callbacks.append(PredictionWriter(out_dir))
+    trainer = build_trainer(cfg, path, job, callbacks)
+    previous = _read_json(path / "metrics" / f"{split}.json")
+    dataset = job.datamodule.dataset(split)
+    if trainer.is_global_zero:
+        print(f"[crowdseg] {stage}: {len(dataset)} images ({images or split}) with {ckpt}", flush=True)
+    run = {"validate": trainer.validate, "test": trainer.test, "predict": trainer.predict}[stage]
+    run(job.module, datamodule=job.datamodule, ckpt_path=str(ckpt), **({"return_predictions": False} if stage == "predict" else {}))
+    if stage == "predict":
+        return {"predictions": str(out_dir), "images": len(dataset), "run_dir": str(path), "checkpoint": str(ckpt)}
     metrics = _floats(trainer.callback_metrics)
+    if trainer.is_global_zero:
+        record = {"split": split, "images": len(dataset), "checkpoint": str(ckpt),
+                  "step": int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", -1)),
+                  "labels": _plain(cfg.labels), "metrics": {k: v for k, v in metrics.items() if k.startswith(f"{split}/")}}
+        if previous and previous.get("checkpoint") not in (None, str(ckpt)):
+            record["previous"] = {k: v for k, v in previous.items() if k != "previous"}
+            print(f"[crowdseg] metrics/{split}.json: the earlier result ({previous.get('checkpoint')}) is kept "
+                  f"under 'previous'", flush=True)
+        write_metrics_json(path, split, record)
     metrics.update(run_dir=str(path), checkpoint=str(ckpt))
     return metrics
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _plain(section: Any) -> dict:
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(section, resolve=True)
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (torch.Tensor, float, int))}
 
 
-__all__ = ["train", "evaluate", "METHODS", "Job", "run_dir"]
+__all__ = ["train", "evaluate", "build_job", "build_trainer", "Job", "run_dir", "CONFIG_KEY"]

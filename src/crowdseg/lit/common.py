@@ -37,7 +37,8 @@ def log_losses(module: L.LightningModule, losses: Mapping[str, torch.Tensor], ba
 
 def finish_stage(module: L.LightningModule, stage: str, metrics: Sequence[Metric], run_dir: Optional[Path],
                  keep: Callable[[str], bool] = lambda key: True) -> dict[str, float]:
-    """Compute, log as `<stage>/<key>` and reset `metrics`; write `<run_dir>/metrics/<stage>.json`.
+    """Compute, log as `<stage>/<key>` and reset `metrics`; write `<run_dir>/metrics/<stage>.json`
+    (`{"split", "step", "epoch", "checkpoint", "metrics": {"<stage>/<key>": value}}`).
 
     Call it on every rank (the metrics synchronise inside `compute`). Only rank 0 writes the file,
     and not during Lightning's sanity check. `keep(key)` filters the keys of the metrics' results.
@@ -50,10 +51,20 @@ def finish_stage(module: L.LightningModule, stage: str, metrics: Sequence[Metric
                 values[f"{stage}/{key}"] = float(value)
         metric.reset()
     module.log_dict(values, sync_dist=False)  # already synchronised by the metrics
+    write_stage_metrics(module, stage, values, run_dir)
+    return values
+
+
+def write_stage_metrics(module: L.LightningModule, stage: str, values: Mapping[str, float],
+                        run_dir: Optional[Path]) -> None:
+    """`<run_dir>/metrics/<stage>.json` = {"split", "step", "epoch", "checkpoint", "metrics"}, on rank 0,
+    outside the sanity check. `crowdseg validate/test` then adds the checkpoint, image count and label
+    split (crowdseg.train.evaluate)."""
     trainer = module.trainer
     if run_dir is not None and trainer.is_global_zero and not trainer.sanity_checking:
-        write_metrics_json(run_dir, stage, values)
-    return values
+        write_metrics_json(run_dir, stage, {"split": stage, "step": trainer.global_step, "epoch": trainer.current_epoch,
+                                            "checkpoint": "in training" if trainer.state.fn == "fit" else None,
+                                            "metrics": dict(values)})
 
 
 def adam_with_backbone_lr(model: nn.Module, backbone: nn.Module, optim: Mapping[str, Any]) -> dict[str, Any]:

@@ -64,9 +64,8 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from crowdseg.errors import ConfigError, DataError
-from crowdseg.lit.common import StageHooks, inside_image
+from crowdseg.lit.common import StageHooks, inside_image, write_stage_metrics
 from crowdseg.losses.p2p import P2PLoss, hungarian_match
-from crowdseg.metrics import write_metrics_json
 from crowdseg.metrics.torch_metrics import CountingMetrics, InstanceIoU, LocalizationMetrics, MaskAP
 from crowdseg.models.p2p import PointPredictor, select_points
 from crowdseg.rl.candidates import sample_candidates
@@ -472,9 +471,7 @@ class RPSModule(StageHooks, L.LightningModule):
             metric.reset()
         logged = {f"{stage}/{k}": v for k, v in values.items()}
         self.log_dict(logged, sync_dist=False)         # the metrics synchronise themselves
-        trainer = self.trainer
-        if self.run_dir is not None and trainer.is_global_zero and not trainer.sanity_checking:
-            write_metrics_json(self.run_dir, stage, logged)
+        write_stage_metrics(self, stage, logged, self.run_dir)
         return logged
 
     def predict_step(self, batch, batch_idx):
@@ -523,55 +520,3 @@ def load_proposer_weights(model: PointPredictor, path: str | Path) -> None:
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise ConfigError(f"key 'rps.proposer_ckpt': {path} does not fit the `model:` config ({first})") from None
-
-
-def rps_module_from_config(cfg: Any, path: Path, datamodule: Any = None) -> RPSModule:
-    """The `RPSModule` of an experiment config (`method: rps`); `datamodule` is checked for masks."""
-    from crowdseg.dpmo.writer import build_predictor_model
-    from crowdseg.mask_supervision import mask_coverage
-    from crowdseg.models.backbone import create_backbone
-    from crowdseg.rl.sam_env import ENV_SELECTIONS, EnvOptions
-    from crowdseg.sam.predictor import BatchedSamPredictor
-
-    r, m, lo, d = cfg.rps, cfg.model, cfg.loss, cfg.dpmo
-    if r.train_points not in TRAIN_POINTS:
-        raise ConfigError(f"key 'rps.train_points': {r.train_points!r} is not one of {', '.join(TRAIN_POINTS)}")
-    if r.selection not in ENV_SELECTIONS:
-        raise ConfigError(f"key 'rps.selection': {r.selection!r} is not one of {', '.join(ENV_SELECTIONS)}")
-    if r.warmup_loss not in ("bce", "mse"):
-        raise ConfigError(f"key 'rps.warmup_loss': {r.warmup_loss!r} is not one of bce, mse")
-    for key in ("num_candidates", "group_size", "ppo_epochs", "scorer_channels", "scorer_layers"):
-        if r[key] < 1:
-            raise ConfigError(f"key 'rps.{key}': must be >= 1, got {r[key]}")
-    if r.proposer_steps > 0 and not r.train_proposer:
-        raise ConfigError(f"key 'rps.proposer_steps': {r.proposer_steps} steps of proposer training need "
-                          f"rps.train_proposer=true")
-    for key in ("sigma", "beta", "warmup_steps", "distance_weight", "proposer_steps"):
-        if r[key] < 0:
-            raise ConfigError(f"key 'rps.{key}': must be >= 0, got {r[key]}")
-    if not (r.clip_eps > 0 and r.lr > 0):
-        raise ConfigError("keys 'rps.clip_eps' and 'rps.lr' must be > 0")
-    train = getattr(datamodule, "datasets", {}).get("train") if datamodule is not None else None
-    if train is not None and mask_coverage(train) == "none":
-        raise ConfigError(f"method 'rps': the training images of data.name={cfg.data.name!r} carry no instance "
-                          f"masks, and the reward needs them; generate DPMO masks (`crowdseg masks`) and point "
-                          f"the data config at them")
-
-    proposer = PointPredictor(create_backbone(m.backbone, m.pretrained, reductions=(8, 16)), m.fpn_channels,
-                              m.head_channels, m.anchor_rows, m.anchor_cols, m.regression_scale)
-    if r.proposer_ckpt:
-        load_proposer_weights(proposer, r.proposer_ckpt)
-    scorer = CandidateScorer(m.fpn_channels, PointPredictor.stride, r.scorer_channels, r.scorer_layers)
-    options = EnvOptions(radius_factor=d.radius_factor, r_min=d.r_min, r_max=d.r_max, lone_radius=d.lone_radius,
-                         num_negatives=d.num_negatives, box_prompt=d.box_prompt, multimask=d.multimask,
-                         selection=r.selection, mask_threshold=d.mask_threshold, context_factor=d.context_factor,
-                         overlap=d.overlap, fallback_radius_factor=d.fallback_radius_factor, tile=d.tile,
-                         target_nn_px=d.target_nn_px, max_scale=d.max_scale, tile_overlap=d.tile_overlap)
-    environment = SamEnvironment(BatchedSamPredictor(build_predictor_model(cfg), cfg.sam.prompt_chunk), options)
-    settings = RpsSettings(r.num_candidates, r.sigma, r.group_size, r.clip_eps, r.beta, r.ppo_epochs,
-                           r.warmup_steps, r.warmup_loss, r.grpo, r.train_points, lo.score_threshold,
-                           r.unmatched_reward, r.distance_weight, cfg.seed, r.proposer_steps)
-    optim = {k: cfg.optim[k] for k in ("lr", "backbone_lr", "weight_decay", "step_size", "gamma", "grad_clip")}
-    optim["scorer_lr"] = r.lr
-    criterion = P2PLoss(lo.cost_class, lo.cost_point, lo.eos_coef, lo.point_loss_coef) if r.train_proposer else None
-    return RPSModule(proposer, scorer, environment, settings, optim, criterion, path, cfg.logger.num_pictures)

@@ -1,0 +1,70 @@
+"""`crowdseg predict`: per-image predictions written to disk.
+
+For every image, `<out>/<stem>.json` holds the count and, for point methods, the points (xy in
+pixels of the original image) with their scores; methods that make instance maps (rps) also write
+`<stem>.png` (16-bit ids, id k = point k-1, at the resolution the model saw). Each file is written
+atomically. `summary.json` lists the images and their counts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from crowdseg.io import write_json_atomic
+from datamodules.readers.idmaps import mask_stem, write_id_map_png
+
+
+def prediction_record(item: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The JSON record of one image's prediction; points are mapped back to the original image."""
+    scale = float(meta.get("scale", 1.0)) or 1.0
+    record: dict[str, Any] = {"name": item.get("name") or meta.get("name"),
+                              "orig_size": list(meta.get("orig_size", ()))}
+    if "points" in item:
+        points = item["points"].float() / scale
+        record.update(count=int(len(points)), points=points.tolist())
+        if "scores" in item:
+            record["scores"] = [round(float(s), 4) for s in item["scores"]]
+        if "original_points" in item:
+            record["proposer_points"] = (item["original_points"].float() / scale).tolist()
+    if "count" in item:
+        record["count"] = float(item["count"])
+    return record
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes `<stem>.json` (and `<stem>.png` instance maps) for every predicted image."""
+
+    def __init__(self, out_dir: Path):
+        super().__init__(write_interval="batch")
+        self.out_dir = Path(out_dir)
+        self.counts: dict[str, float] = {}
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        for item, meta in zip(prediction, batch["meta"]):
+            record = prediction_record(item, meta)
+            stem = mask_stem(record["name"])
+            if item.get("instance_map") is not None:
+                id_map = item["instance_map"]
+                id_map = id_map.numpy() if isinstance(id_map, torch.Tensor) else np.asarray(id_map)
+                write_id_map_png(self.out_dir / f"{stem}.png", id_map)
+                record["instance_map"] = f"{stem}.png"
+            write_json_atomic(self.out_dir / f"{stem}.json", record)
+            self.counts[record["name"]] = record.get("count")
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            write_json_atomic(self.out_dir / "summary.json", {"images": len(self.counts), "counts": self.counts})
+
+
+def folder_dataset(cfg, images: str | Path):
+    """The images of a folder, whole, resized as the run's data config says (`data.max_size`)."""
+    from datamodules.dataset import build_dataset
+
+    return build_dataset("folder", str(images), "all", max_size=cfg.data.max_size, progress=False)
+
+
+__all__ = ["PredictionWriter", "prediction_record", "folder_dataset"]
