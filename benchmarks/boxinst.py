@@ -14,8 +14,10 @@ layer) and `dynamic_mask_logits_bmm` (one batched matrix product per layer) vs.
 
 Part 3 (memory): in a fresh subprocess per variant (so the peak RSS is the variant's own), a BoxInst
 (`--backbone`, default resnet50, random init) runs inference on one 1333 x 800 image with 300
-detections forced (score threshold 0): forward + post-process only, then + masks pasted at full
-resolution `--chunk` at a time, then all 300 at once. Reported: peak RSS minus the RSS after the
+detections forced (score threshold 0): forward + post-process only, then + the masks (dynamic head,
+upsampling, resize, threshold: `predict_masks`) `--chunk` detections at a time, then all 300 at once.
+The result holds the 300 full-resolution bool masks (300 x 800 x 1333 bytes = 305 MiB) in every
+mask variant. Reported: peak RSS minus the RSS after the
 model was built (MiB), and the wall time. CPU only (`ru_maxrss`).
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/boxinst.py [--repeats 5] [--feat 60 80]
@@ -128,7 +130,7 @@ def dynamic_head(repeats: int, feat: tuple[int, int], counts=(10, 100, 500)) -> 
 
 def memory_worker(variant: str, backbone: str, chunk: int) -> dict:
     """Run in a subprocess: peak RSS of one inference variant (see the module docstring)."""
-    from crowdseg.models.boxinst import build_boxinst, pad_to, paste_masks, postprocess
+    from crowdseg.models.boxinst import build_boxinst, pad_to, postprocess, predict_masks
 
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
@@ -140,8 +142,8 @@ def memory_worker(variant: str, backbone: str, chunk: int) -> dict:
     det = postprocess(outputs, torch.tensor([[800, 1333]]), score_threshold=0.0, max_detections=300)[0]
     k = len(det["locations"])
     if variant != "detect":
-        logits = model.mask_logits(outputs, torch.zeros_like(det["locations"]), det["locations"])
-        masks = paste_masks(logits, (800, 1333), (800, 1333), chunk=chunk if variant == "chunked" else k)
+        masks = predict_masks(model, outputs, 0, det["locations"], (800, 1333), (800, 1333),
+                              chunk=chunk if variant == "chunked" else k)
         assert masks.shape == (k, 800, 1333)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

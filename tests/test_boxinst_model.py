@@ -165,3 +165,14 @@ def test_dynamic_head_bmm_equals_grouped():
     params = torch.randn(6, 233)
     args = (feats, 8, params, torch.tensor([0, 1, 1, 0, 1, 0]), torch.rand(6, 2) * 30, torch.full((6,), 64.0))
     assert torch.allclose(dynamic_mask_logits_bmm(*args), dynamic_mask_logits(*args), atol=1e-5)
+
+
+def test_predict_masks_chunked_equals_all_at_once(tiny_model):
+    from crowdseg.models.boxinst import predict_masks
+
+    with torch.no_grad():
+        out = tiny_model(torch.rand(1, 3, 64, 64))
+        locations = torch.tensor([0, 3, 7, 20, 40])
+        a = predict_masks(tiny_model, out, 0, locations, (60, 62), (120, 124), chunk=2)
+        b = predict_masks(tiny_model, out, 0, locations, (60, 62), (120, 124), chunk=100)
+    assert a.shape == (5, 120, 124) and torch.equal(a, b)

@@ -27,7 +27,7 @@ from crowdseg.losses.boxinst import (box_masks, color_similarity, image_lab, ima
 from crowdseg.losses.fcos import DEFAULT_SIZES_OF_INTEREST, fcos_losses, fcos_targets
 from crowdseg.metrics.detection import BoxAP, MaskOverlap
 from crowdseg.metrics.torch_metrics import MaskAP
-from crowdseg.models.boxinst import BoxInst, pad_to, paste_masks, postprocess
+from crowdseg.models.boxinst import BoxInst, pad_to, postprocess, predict_masks
 from crowdseg.vis import overlay_masks, picture_slots, save_pictures, to_uint8_image, with_caption
 
 
@@ -222,9 +222,8 @@ class BoxInstModule(StageHooks, L.LightningModule):
             if s.box_masks:
                 masks = filled_boxes(boxes, out_size)
             else:
-                logits = self.model.mask_logits(outputs, torch.full_like(det["locations"], b), det["locations"])
-                masks = paste_masks(logits, (h, w), out_size, self.model.mask_out_stride, s.mask_threshold,
-                                    s.paste_chunk)
+                masks = predict_masks(self.model, outputs, b, det["locations"], (h, w), out_size, s.mask_threshold,
+                                      s.paste_chunk)
             results.append({"masks": masks, "scores": det["scores"], "boxes": boxes, "labels": det["labels"],
                             "locations": det["locations"]})
         return results

@@ -436,6 +436,20 @@ def paste_masks(mask_logits: torch.Tensor, valid_size: tuple[int, int], out_size
     return out
 
 
+def predict_masks(model: "BoxInst", outputs: dict[str, torch.Tensor], image: int, locations: torch.Tensor,
+                  valid_size: tuple[int, int], out_size: tuple[int, int], threshold: float = 0.5,
+                  chunk: int = 32) -> torch.Tensor:
+    """(K, H, W) bool masks of the K detections at `locations` (K,) of image `image`, `chunk` at a time
+    through the dynamic head and `paste_masks` (peak memory grows with the chunk, not with K)."""
+    k = locations.shape[0]
+    out = torch.zeros((k, *out_size), dtype=torch.bool, device=locations.device)
+    for start in range(0, k, max(chunk, 1)):
+        part = locations[start:start + chunk]
+        logits = model.mask_logits(outputs, torch.full_like(part, image), part)
+        out[start:start + chunk] = paste_masks(logits, valid_size, out_size, model.mask_out_stride, threshold, chunk)
+    return out
+
+
 def build_boxinst(backbone: str = "resnet50", pretrained: Optional[str] = None, fpn_channels: int = 256,
                   norm: str = "auto", trainable_layers: int = 5, **kwargs) -> BoxInst:
     """A `BoxInst` on `build_fpn_backbone(backbone, ...)`; kwargs go to `BoxInst`."""
