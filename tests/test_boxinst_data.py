@@ -107,3 +107,52 @@ def test_cis_with_its_own_masks_as_predictions_gives_ap_100(shared_data):
     result = evaluate_coco_json(path, detections)
     for key in ("ap", "ap50", "ap75", "aps", "apm", "apl"):
         assert result[key] == pytest.approx(1.0), key
+
+
+def _crowdhuman_and_cis(root: Path) -> tuple[Path, Path]:
+    """3 CrowdHuman training images and a CIS-style JSON naming a 4th CrowdHuman image (with polygons)."""
+    ch = root / "CrowdHuman"
+    (ch / "Images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for k in range(4):
+        image = rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)
+        image[20:70, 30:50] = 200  # a bright "person"
+        cv2.imwrite(str(ch / "Images" / f"1,{k}.jpg"), image)
+        if k < 3:
+            lines.append(json.dumps({"ID": f"1,{k}", "gtboxes": [
+                {"tag": "person", "fbox": [28, 18, 24, 70], "vbox": [30, 20, 20, 50], "hbox": [32, 20, 10, 10]},
+                {"tag": "mask", "fbox": [0, 0, 10, 10]}]}))
+    (ch / "annotation_train.odgt").write_text("\n".join(lines) + "\n")
+    cis = root / "CIS.json"
+    cis.write_text(json.dumps({"images": [{"id": 7, "file_name": "1,3.jpg", "height": 80, "width": 100}],
+                               "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "iscrowd": 0,
+                                                "bbox": [30, 20, 20, 50], "area": 1000,
+                                                "segmentation": [[30, 20, 50, 20, 50, 70, 30, 70]]}],
+                               "categories": [{"id": 1, "name": "person", "supercategory": "person"}]}))
+    return ch, cis
+
+
+def test_crowdhuman_training_with_cis_evaluation_runs(tmp_path):
+    import lightning as L
+
+    from crowdseg.config.load import load_config
+    from crowdseg.methods.boxinst import build
+
+    ch, cis = _crowdhuman_and_cis(tmp_path)
+    experiments = Path(__file__).resolve().parents[1] / "experiments" / "boxinst"
+    cfg = load_config(experiments / "crowdhuman.yaml", [
+        f"data.root={ch}", f"boxinst.eval_data.root={cis}", f"boxinst.eval_data.reader_options.image_dir={ch / 'Images'}",
+        "boxinst.model.pretrained=null", "boxinst.model.backbone=resnet10t", "boxinst.model.fpn_channels=32",
+        "boxinst.model.head_convs=1", "boxinst.model.mask_branch_channels=16", "boxinst.model.mask_branch_convs=1",
+        "boxinst.input.train_short_side=[64,72]", "boxinst.input.test_short_side=64", "data.batch_size=2",
+        "data.num_workers=0"])
+    job = build(cfg, tmp_path / "run")
+    dm = job.datamodule
+    assert len(dm.datasets["train"]) == 3 and len(dm.datasets["val"]) == 1
+    sample = dm.datasets["val"][0]
+    assert tuple(sample["orig_instance_map"].shape) == (80, 100) and sample["meta"]["valid_size"] == (64, 80)
+    trainer = L.Trainer(accelerator="cpu", fast_dev_run=True, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(job.module, datamodule=dm)
+    assert "val/mask_ap" in trainer.callback_metrics and "train/loss" in trainer.callback_metrics
