@@ -106,11 +106,13 @@ class BoxInstModule(StageHooks, L.LightningModule):
 
     monitor = ("val/mask_ap", "max")
 
-    def __init__(self, model: BoxInst, settings: BoxInstSettings = BoxInstSettings(),
-                 solver: SolverSettings = SolverSettings(), run_dir: Optional[Path] = None, num_pictures: int = 4,
+    def __init__(self, model: BoxInst, settings: Optional[BoxInstSettings] = None,
+                 solver: Optional[SolverSettings] = None, run_dir: Optional[Path] = None, num_pictures: int = 4,
                  seed: int = 0):
         super().__init__()
-        self.model, self.settings, self.solver = model, settings, solver
+        self.model = model
+        self.settings = settings if settings is not None else BoxInstSettings()
+        self.solver = solver if solver is not None else SolverSettings()
         self.run_dir, self.num_pictures, self.seed = run_dir, num_pictures, seed
         self.mask_ap = nn.ModuleDict({s: MaskAP() for s in ("val", "test")})
         self.box_ap = nn.ModuleDict({s: BoxAP() for s in ("val", "test")})
