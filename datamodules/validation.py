@@ -1,7 +1,7 @@
 """Annotation checks and the `on_bad_annotation` policy (fail | skip | drop).
 
-Checked per image: the image header is readable and non-empty (optionally the whole image decodes:
-`verify_images`), its size agrees with the annotation's, points are finite, inside the image
+Checked per image: the image header is readable and non-empty, a JPEG / PNG file is complete (its
+end marker is there; optionally the whole image decodes: `verify_images`), its size agrees with the annotation's, points are finite, inside the image
 (within `outside_tolerance` pixels; those are clipped onto the border pixels), not duplicated,
 boxes are finite and not inverted, and an instance map has the image's size. Readers add their own
 problems (images without annotation files and the reverse, unparsable files).
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from crowdseg.errors import ConfigError, DataError
-from datamodules.readers.common import Problem, Record, image_size
+from datamodules.readers.common import Problem, Record, image_size, truncated
 from datamodules.readers.idmaps import id_map_size
 
 POLICIES = ("fail", "skip", "drop")
@@ -34,6 +34,8 @@ def check_record(record: Record, outside_tolerance: float = 1.0, verify_image: b
     if record.image_path is not None:
         try:
             size = image_size(record.image_path)
+            if truncated(record.image_path):
+                return [Problem(str(record.image_path), "truncated image file (no end-of-image marker)", record=name)]
             if verify_image:
                 with Image.open(record.image_path) as im:
                     im.load()

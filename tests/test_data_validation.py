@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from crowdseg.errors import ConfigError, DataError
 from data_fixtures import make_cclabeler, make_jhu, make_nwpu, write_image
@@ -90,17 +91,21 @@ def test_empty_and_unreadable_images(folder):
         build_dataset("cclabeler", str(folder), "all")
 
 
-def test_truncated_image_at_build_with_verify_and_at_load(folder):
+def test_truncated_image_at_build_and_a_corrupt_one_at_load(folder):
     path = write_image(folder / "images" / "c.jpg", 64, 64, seed=5)
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    ds = build_dataset("cclabeler", str(folder), "all")  # the header alone is fine
+    path.write_bytes(data[: len(data) // 2])             # a cut-off download: the header still reads
+    with pytest.raises(DataError, match=r"images/c\.jpg: truncated image file"):
+        build_dataset("cclabeler", str(folder), "all")
+    assert build_dataset("cclabeler", str(folder), "all", on_bad_annotation="skip").names == ["a.jpg", "b.jpg"]
+    # complete but corrupt (end marker present): caught by a full decode, at build with
+    # verify_images, else when the image is loaded
+    path.write_bytes(data[:200] + bytes(len(data) - 202) + data[-2:])
+    ds = build_dataset("cclabeler", str(folder), "all")
     with pytest.raises(DataError, match=r"images/c\.jpg: unreadable or truncated image"):
         ds[2]
     with pytest.raises(DataError, match=r"images/c\.jpg: unreadable or truncated image"):
         build_dataset("cclabeler", str(folder), "all", verify_images=True)
-    ds = build_dataset("cclabeler", str(folder), "all", verify_images=True, on_bad_annotation="skip")
-    assert ds.names == ["a.jpg", "b.jpg"]
 
 
 def test_instance_map_size_and_ids_are_checked(folder, tmp_path):
@@ -170,3 +175,22 @@ def test_jhu_missing_split_folder(tmp_path):
     root = make_jhu(tmp_path / "jhu")
     with pytest.raises(DataError, match=r"jhu/test: JHU-CROWD\+\+ split 'test' folder not found"):
         build_dataset("jhu", str(root), "test")
+
+
+
+class _Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise DataError("images/x.jpg: unreadable or truncated image (broken data stream)")
+
+
+def test_an_error_in_a_dataloader_worker_reaches_the_user_as_one_line():
+    from crowdseg.cli import one_line
+
+    loader = torch.utils.data.DataLoader(_Broken(), num_workers=1)
+    with pytest.raises(DataError) as info:
+        next(iter(loader))
+    assert "Original Traceback" in str(info.value)
+    assert one_line(info.value) == "images/x.jpg: unreadable or truncated image (broken data stream)"

@@ -126,6 +126,21 @@ def image_size(path: Path) -> tuple[int, int]:
     return h, w
 
 
+# The last bytes of a complete file: JPEG's end-of-image marker, PNG's IEND chunk.
+END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND"}
+
+
+def truncated(path: Path) -> bool:
+    """True when a JPEG / PNG file lacks its end marker (a cut-off download): a cheap check of the
+    last bytes, no decoding. Other formats are not checked."""
+    marker = END_MARKERS.get(path.suffix.lower())
+    if marker is None:
+        return False
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 64))
+        return marker not in f.read()
+
+
 def as_points(values: Any, where: str) -> np.ndarray:
     """(N, 2) float32 from an array-like of rows with at least two numbers."""
     try:

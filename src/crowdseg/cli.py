@@ -127,6 +127,16 @@ def _report(result: dict) -> None:
         print(f"validation MAE {mae:.2f} vs. {base:.2f} for always predicting the training mean count{change}")
 
 
+def one_line(err: Exception) -> str:
+    """The user-facing line of an error; one raised in a DataLoader worker arrives wrapped in the
+    worker's traceback text, whose last line is the original `Type: message`."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if last.startswith("crowdseg.errors.") else last
+    return text
+
+
 def _is_rank_zero() -> bool:
     from crowdseg.runs import is_global_zero
     return is_global_zero()
@@ -149,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"crowdseg: error: unknown command {command!r}\n\n{usage()}", end="", file=sys.stderr)
         return 2
     except CrowdsegError as err:
-        print(f"crowdseg: error: {err}", file=sys.stderr)
+        print(f"crowdseg: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("crowdseg: interrupted", file=sys.stderr)

@@ -45,8 +45,94 @@ def run_name(cfg: DictConfig) -> str:
     return f"{cfg.method}-{cfg.data.name}-{fraction_tag(cfg)}-s{cfg.seed}"
 
 
-def run_dir(cfg: DictConfig) -> Path:
+def base_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.runs_root) / cfg.name / run_name(cfg)
+
+
+# Keys that only extend or observe a run: a stored run whose config differs from the current one
+# in these alone is the same run (it resumes). Prefixes end with a dot.
+SAME_RUN_KEYS = ("trainer.max_epochs", "trainer.max_steps",                # upward only (see below)
+                 "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.devices", "trainer.num_nodes",
+                 "trainer.strategy", "trainer.accelerator", "data.num_workers", "data.cache_dir", "logger.",
+                 "resume", "ckpt_path", "labels.", "runs_root")
+EXTEND_ONLY = ("trainer.max_epochs", "trainer.max_steps")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _extends(key: str, old: Any, new: Any) -> bool:
+    """A larger budget (-1 / None: unlimited) extends a run; a smaller one does not."""
+    unlimited = (-1, None)
+    return new in unlimited or (old not in unlimited and new >= old)
+
+
+def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (stored value, current value)} of the settings that make `current` another run."""
+    old, new = _flatten(stored), _flatten(current)
+    diff = {}
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        same_run = key.startswith(tuple(k for k in SAME_RUN_KEYS if k.endswith("."))) or (
+            key in SAME_RUN_KEYS and (key not in EXTEND_ONLY or _extends(key, a, b)))
+        if a == b or same_run:
+            continue
+        diff[key] = (a, b)
+    return diff
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """The run directory of `cfg`: `<runs_root>/<experiment>/<run name>`, or, when a run already lives
+    there with other settings, `<run name>-<hash of the differing settings>` (so sweeps never resume
+    each other's runs). With an explicit `run_name` a mismatch is an error listing the keys."""
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    base = base_run_dir(cfg)
+    stored = _stored_config(base)
+    if stored is None:
+        return base
+    current = OmegaConf.to_container(cfg, resolve=True)
+    diff = config_differences(stored, current)
+    if not diff:
+        return base
+    if cfg.run_name:
+        listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in list(diff.items())[:6])
+        more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+        raise ConfigError(f"key 'run_name': {base} holds a run with other settings: {listed}{more}; "
+                          f"choose another run_name, or leave it unset to start a new run automatically")
+    digest = hashlib.sha256(json.dumps({k: b for k, (_, b) in diff.items()}, sort_keys=True, default=str).encode())
+    return base.with_name(f"{base.name}-{digest.hexdigest()[:6]}")
+
+
+def trained_run_dir(cfg: DictConfig) -> Path:
+    """The directory of the run `cfg` trained (for validate / test / predict): `run_dir(cfg)` when it
+    exists, else the base directory (evaluation settings such as another data.root do not make a
+    new run)."""
+    try:
+        path = run_dir(cfg)
+    except ConfigError:
+        return base_run_dir(cfg)
+    return path if path.exists() else base_run_dir(cfg)
+
+
+def _stored_config(path: Path) -> Optional[dict[str, Any]]:
+    import yaml
+
+    try:
+        return yaml.safe_load((path / "config.yaml").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path / 'config.yaml'}: unreadable run config ({err}); move the run directory away") from None
 
 
 def is_global_zero() -> bool:
@@ -131,7 +217,7 @@ def build_loggers(cfg: DictConfig, path: Path) -> list[Logger]:
     wb = cfg.logger.wandb
     if wb.mode != "disabled":
         loggers.append(WandbLogger(
-            project=wb.project, entity=wb.entity, id=wandb_run_id(path), name=run_name(cfg),
+            project=wb.project, entity=wb.entity, id=wandb_run_id(path), name=path.name,
             group=f"{cfg.method}-{fraction_tag(cfg)}", tags=list(wb.tags) + [cfg.method, cfg.data.name],
             mode=wb.mode, save_dir=str(path), resume="allow", config=_plain(cfg)))
     else:

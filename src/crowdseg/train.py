@@ -17,7 +17,7 @@ from crowdseg.errors import ConfigError
 from crowdseg.methods import METHODS, Job, Method
 from crowdseg.metrics import write_metrics_json
 from crowdseg.runs import (AtomicCheckpointIO, best_checkpoint, build_checkpoint_callbacks, build_loggers,
-                           check_checkpoint, last_checkpoint, prepare_run_dir, run_dir)
+                           check_checkpoint, last_checkpoint, prepare_run_dir, run_dir, trained_run_dir)
 
 CONFIG_KEY = "crowdseg_config"  # a checkpoint's resolved config (YAML text)
 
@@ -164,7 +164,7 @@ def evaluate(cfg: DictConfig, stage: str = "validate", run_path: Optional[Path] 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     trainable(cfg)
     cfg, _ = plan_run(cfg)
-    path = run_path or run_dir(cfg)
+    path = run_path or trained_run_dir(cfg)
     ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else default_checkpoint(path)
     if ckpt is None:
         raise ConfigError(f"key 'ckpt_path': no checkpoint given and none in {path / 'checkpoints'}; "

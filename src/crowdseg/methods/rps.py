@@ -78,7 +78,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Job:
     from crowdseg.mask_supervision import mask_coverage
     from crowdseg.models.p2p import PointPredictor
     from crowdseg.rl.sam_env import EnvOptions, SamEnvironment
-    from crowdseg.dpmo.writer import build_predictor_model
+    from crowdseg.sam.build import build_sam_from_config
     from crowdseg.sam.predictor import BatchedSamPredictor
 
     r, lo, d = cfg.rps, cfg.loss, cfg.dpmo
@@ -96,7 +96,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Job:
                          selection=r.selection, mask_threshold=d.mask_threshold, context_factor=d.context_factor,
                          overlap=d.overlap, fallback_radius_factor=d.fallback_radius_factor, tile=d.tile,
                          target_nn_px=d.target_nn_px, max_scale=d.max_scale, tile_overlap=d.tile_overlap)
-    environment = SamEnvironment(BatchedSamPredictor(build_predictor_model(cfg), cfg.sam.prompt_chunk), options)
+    environment = SamEnvironment(BatchedSamPredictor(build_sam_from_config(cfg.sam), cfg.sam.prompt_chunk), options)
     settings = RpsSettings(r.num_candidates, r.sigma, r.group_size, r.clip_eps, r.beta, r.ppo_epochs,
                            r.warmup_steps, r.warmup_loss, r.grpo, r.train_points, lo.score_threshold,
                            r.unmatched_reward, r.distance_weight, cfg.seed, r.proposer_steps)
