@@ -28,6 +28,7 @@ validate, test and predict also take a checkpoint alone: crowdseg test --ckpt RU
 other commands:
   eval-loc   evaluate NWPU-format localization files (--gt FILE --pred FILE [--json])
   splits     write label-fraction split files (<dataset> --fractions 5 10 40 --seed S)
+  report     table + PNG of runs by experiment and label fraction (<runs dir ...> | --wandb ENTITY/PROJECT)
 
 methods (the `method:` key):
 {methods}
@@ -43,6 +44,7 @@ def usage() -> str:
 RAW_COMMANDS = {
     "eval-loc": "crowdseg.metrics.eval_loc:main",
     "splits": "datamodules.splits:main",
+    "report": "crowdseg.report:main",
 }
 
 
