@@ -84,6 +84,10 @@ def test_masks_outputs_match_the_points_and_a_rerun_skips(tmp_path):
     again = run_masks(cfg)
     assert again["written"] == 0 and again["skipped"] == 3
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    # other dpmo settings: the masks on disk are stale, every image is made again
+    changed = run_masks(load_config(EXPERIMENT, overrides(tmp_path, 3, "dpmo.overlays=true", "dpmo.radius_factor=0.5")))
+    assert changed["written"] == 3 and changed["skipped"] == 0
+    assert "radius_factor: 0.5" in (out / "settings.yaml").read_text()
 
 
 def test_masks_of_real_images_load_back_as_instance_maps(tmp_path, shared_data):

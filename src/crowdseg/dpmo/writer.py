@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from crowdseg.dpmo.generate import check_dpmo_config, generate_instance_map
 from crowdseg.errors import ConfigError, DataError
-from crowdseg.io import atomic_path, write_json_atomic
+from crowdseg.io import atomic_path, write_json_atomic, write_text_atomic
 from crowdseg.sam.build import build_sam_from_config
 from crowdseg.sam.predictor import BatchedSamPredictor
 from datamodules.readers.idmaps import MAX_PNG_ID, mask_stem, write_id_map_png
@@ -46,6 +46,54 @@ def masks_dir(cfg: DictConfig) -> Path:
     if cfg.dpmo.out_dir:
         return Path(cfg.dpmo.out_dir)
     return Path(cfg.runs_root) / cfg.name / "masks" / cfg.dpmo.split
+
+
+SETTINGS_FILE = "settings.yaml"  # not *.json: those are the finished-image markers
+NOT_SHAPING = ("out_dir", "overlays", "split")  # dpmo keys that do not change a mask
+
+
+def mask_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What shapes the masks of a run: the SAM model (type, checkpoint and its sha256, init seed),
+    the `dpmo` settings and the image resizing."""
+    import hashlib
+
+    sam = cfg.sam
+    digest = None
+    if sam.checkpoint:
+        h = hashlib.sha256()
+        with open(sam.checkpoint, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        digest = h.hexdigest()
+    dpmo = {k: v for k, v in OmegaConf.to_container(cfg.dpmo, resolve=True).items() if k not in NOT_SHAPING}
+    return {"sam": {"model_type": sam.model_type, "checkpoint": sam.checkpoint, "checkpoint_sha256": digest,
+                    "seed": sam.seed if not sam.checkpoint else None},
+            "dpmo": dpmo, "data": {"name": cfg.data.name, "max_size": cfg.data.max_size}}
+
+
+def settle_settings(out_dir: Path, settings: dict[str, Any]) -> list[str]:
+    """Make `out_dir` hold masks of `settings`: when its `settings.yaml` records other settings, the
+    finished-image markers (`<stem>.json`) are removed, so every image is made again. Returns the
+    differing keys (empty when the folder is new or up to date)."""
+    import yaml
+
+    path = out_dir / SETTINGS_FILE
+    changed: list[str] = []
+    if path.is_file():
+        old = yaml.safe_load(path.read_text()) or {}
+        changed = sorted(f"{section}.{key}" for section in settings.keys() | old.keys()
+                         for key in (settings.get(section) or {}).keys() | (old.get(section) or {}).keys()
+                         if (settings.get(section) or {}).get(key) != (old.get(section) or {}).get(key))
+        if changed:
+            for marker in out_dir.glob("*.json"):
+                marker.unlink()
+    elif any(out_dir.glob("*.json")):
+        changed = ["(masks made before settings were recorded)"]
+        for marker in out_dir.glob("*.json"):
+            marker.unlink()
+    if changed or not path.is_file():
+        write_text_atomic(path, yaml.safe_dump(settings, sort_keys=True))
+    return changed
 
 
 def is_done(out_dir: Path, stem: str) -> bool:
@@ -193,6 +241,10 @@ def run_masks(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"key 'dpmo.out_dir': cannot create {out_dir} ({err.strerror})") from None
     if is_global_zero():
         remove_stale_temp_files(out_dir)
+        changed = settle_settings(out_dir, mask_settings(cfg))
+        if changed:
+            print(f"[crowdseg] {out_dir} holds masks made with other settings ({', '.join(changed[:6])}): "
+                  f"making every image again", flush=True)
     # the masks are being made: read the images and points only, never attach existing masks
     dataset = build_dataset(OmegaConf.merge(cfg, {"data": {"masks_dir": None}}), cfg.dpmo.split)
     check_unique_stems([r.name for r in getattr(dataset, "records", [])], out_dir)
