@@ -29,22 +29,47 @@ def hungarian_match(pred_points: torch.Tensor, pred_person_prob: torch.Tensor, g
             torch.as_tensor(cols[order], dtype=torch.long, device=device))
 
 
+CLS_LOSSES = ("ce", "focal")
+
+
+def focal_classification(logits: torch.Tensor, target: torch.Tensor, eos_coef: float, gamma: float,
+                         num_positive: int) -> torch.Tensor:
+    """Softmax focal loss (Lin et al. 2017) over proposals, normalised by the number of positives.
+
+    logits (K, 2), target (K,) long in {0, 1}. Per proposal w_t (1 - p_t)^gamma (-log p_t) with
+    w = eos_coef for background, 1 for person; the sum is divided by max(num_positive, 1) (RetinaNet),
+    so the many easy background anchors of a sparse crowd neither dominate nor dilute the loss.
+    """
+    log_p = F.log_softmax(logits, -1).gather(1, target[:, None])[:, 0]
+    weight = torch.where(target == 1, 1.0, eos_coef).to(log_p)
+    loss = weight * (1.0 - log_p.exp()).pow(gamma) * (-log_p)
+    return loss.sum() / max(num_positive, 1)
+
+
 def p2p_loss(logits: torch.Tensor, points: torch.Tensor, gt_points: list[torch.Tensor],
              matches: list[tuple[torch.Tensor, torch.Tensor]], eos_coef: float = 0.5,
-             point_loss_coef: float = 2e-4) -> dict[str, torch.Tensor]:
+             point_loss_coef: float = 2e-4, cls_loss: str = "ce", focal_gamma: float = 2.0
+             ) -> dict[str, torch.Tensor]:
     """Classification + point regression loss of a batch.
 
     logits (B, M, 2), points (B, M, 2), gt_points [ (N_b, 2) ], matches [(pred_idx, gt_idx)].
-    - ``cls``: cross-entropy over all proposals, class weights (eos_coef, 1), weighted mean;
+    - ``cls``: with cls_loss "ce" (P2PNet) the cross-entropy over all proposals, class weights
+      (eos_coef, 1), weighted mean; with "focal" `focal_classification` (same class weights);
     - ``point``: sum over matched pairs of squared distance / number of GT points in the batch;
     - ``loss`` = cls + point_loss_coef * point.
     """
+    if cls_loss not in CLS_LOSSES:
+        raise ValueError(f"cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
     b, m, _ = logits.shape
     target = torch.zeros(b, m, dtype=torch.long, device=logits.device)
     for i, (pred_idx, _) in enumerate(matches):
         target[i, pred_idx] = 1
-    weight = torch.tensor([eos_coef, 1.0], device=logits.device, dtype=logits.dtype)
-    cls = F.cross_entropy(logits.reshape(-1, 2), target.reshape(-1), weight=weight)
+    if cls_loss == "focal":
+        num_positive = sum(len(p) for p, _ in matches)
+        cls = focal_classification(logits.reshape(-1, 2), target.reshape(-1), eos_coef, focal_gamma, num_positive)
+    else:
+        weight = torch.tensor([eos_coef, 1.0], device=logits.device, dtype=logits.dtype)
+        cls = F.cross_entropy(logits.reshape(-1, 2), target.reshape(-1), weight=weight)
     num_gt = max(sum(len(g) for g in gt_points), 1)
     sq = [((points[i, p] - gt_points[i][g].to(points)) ** 2).sum() for i, (p, g) in enumerate(matches)]
     point = torch.stack(sq).sum() / num_gt if sq else points.sum() * 0
@@ -52,16 +77,24 @@ def p2p_loss(logits: torch.Tensor, points: torch.Tensor, gt_points: list[torch.T
 
 
 class P2PLoss(nn.Module):
-    """Match each image's predictions to its GT points, then `p2p_loss`."""
+    """Match each image's predictions to its GT points, then `p2p_loss`.
+
+    The defaults are P2PNet's (METHODS.md C2, with the regression term applied); `cls_loss="focal"`
+    with `focal_gamma` replaces the weighted cross-entropy (see `p2p_loss`).
+    """
 
     def __init__(self, cost_class: float = 1.0, cost_point: float = 0.05, eos_coef: float = 0.5,
-                 point_loss_coef: float = 2e-4):
+                 point_loss_coef: float = 2e-4, cls_loss: str = "ce", focal_gamma: float = 2.0):
         super().__init__()
+        if cls_loss not in CLS_LOSSES:
+            raise ValueError(f"cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
         self.cost_class, self.cost_point = cost_class, cost_point
         self.eos_coef, self.point_loss_coef = eos_coef, point_loss_coef
+        self.cls_loss, self.focal_gamma = cls_loss, focal_gamma
 
     def forward(self, outputs: dict[str, torch.Tensor], gt_points: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         prob = outputs["logits"].detach().softmax(-1)[..., 1]
         matches = [hungarian_match(outputs["points"][i].detach(), prob[i], gt_points[i].to(prob.device),
                                    self.cost_point, self.cost_class) for i in range(len(gt_points))]
-        return p2p_loss(outputs["logits"], outputs["points"], gt_points, matches, self.eos_coef, self.point_loss_coef)
+        return p2p_loss(outputs["logits"], outputs["points"], gt_points, matches, self.eos_coef, self.point_loss_coef,
+                        self.cls_loss, self.focal_gamma)

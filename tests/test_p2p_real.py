@@ -1,0 +1,105 @@
+"""The point predictor on real crowds: prior initialisation, focal classification, a real image."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from crowdseg.losses.p2p import P2PLoss, focal_classification, p2p_loss
+from crowdseg.models.backbone import create_backbone
+from crowdseg.models.p2p import PointPredictor, init_class_prior, select_points
+
+
+def _small(**kwargs) -> PointPredictor:
+    return PointPredictor(create_backbone("resnet10t", reductions=(8, 16)), fpn_channels=32, head_channels=32, **kwargs)
+
+
+@pytest.mark.parametrize("prior", [0.01, 0.2])
+def test_initial_person_probability_is_the_prior(prior):
+    torch.manual_seed(0)
+    model = _small(cls_prior=prior)
+    with torch.no_grad():
+        prob = model(torch.rand(2, 3, 64, 96))["logits"].softmax(-1)[..., 1]
+    assert prob.mean().item() == pytest.approx(prior, rel=0.02)
+    assert (prob - prior).abs().max().item() < 0.1 * prior
+
+
+def test_prior_bias_layout_and_default_init_unchanged():
+    layer = torch.nn.Conv2d(8, 4 * 2, 3, padding=1)
+    init_class_prior(layer, 0.01)
+    assert layer.bias.view(4, 2)[:, 0].tolist() == [0.0] * 4
+    assert layer.bias.view(4, 2)[:, 1].tolist() == pytest.approx([math.log(0.01 / 0.99)] * 4)
+    with pytest.raises(ValueError):
+        init_class_prior(layer, 1.0)
+    # without cls_prior the classification output keeps PyTorch's initialisation (P2PNet)
+    torch.manual_seed(0)
+    a = _small()
+    torch.manual_seed(0)
+    b = _small(cls_prior=None)
+    assert torch.equal(a.classification[-1].bias, b.classification[-1].bias)
+
+
+def test_focal_classification_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    target = torch.tensor([1, 0, 1])
+    got = focal_classification(logits, target, eos_coef=0.5, gamma=2.0, num_positive=2)
+    p_pos0, p_bg, p_pos2 = 0.5, 1 / (1 + math.exp(-2)), 1 / (1 + math.exp(-1))
+    want = ((1 - p_pos0) ** 2 * -math.log(p_pos0) + 0.5 * (1 - p_bg) ** 2 * -math.log(p_bg)
+            + (1 - p_pos2) ** 2 * -math.log(p_pos2)) / 2
+    assert got.item() == pytest.approx(want)
+    # gamma 0, eos 1: plain cross-entropy summed over proposals / positives
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="sum") / 2
+    assert focal_classification(logits, target, 1.0, 0.0, 2).item() == pytest.approx(ce.item())
+
+
+def test_p2p_loss_focal_option():
+    logits = torch.zeros(1, 3, 2)
+    points = torch.zeros(1, 3, 2)
+    gt = [torch.zeros(1, 2)]
+    matches = [(torch.tensor([0]), torch.tensor([0]))]
+    out = p2p_loss(logits, points, gt, matches, eos_coef=1.0, point_loss_coef=0.0, cls_loss="focal", focal_gamma=0.0)
+    assert out["cls"].item() == pytest.approx(3 * math.log(2))
+    with pytest.raises(ValueError):
+        P2PLoss(cls_loss="hinge")
+
+
+def _synthetic_loader(split: str, n: int):
+    from datamodules.dataset import build_dataset
+    from datamodules.transforms import EvalTransform
+    from datamodules.types import collate_samples
+
+    ds = build_dataset("synthetic", None, split, transform=EvalTransform(32), num_images=n, height=64, width=64,
+                       max_people=20)
+    return torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_samples)
+
+
+def test_ema_weights_are_evaluated_and_checkpointed(tmp_path):
+    """Lightning's EMAWeightAveraging with the point predictor's module: validation runs on the
+    averaged weights, and the checkpoint's state_dict holds them (the live ones aside)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+
+    from crowdseg.lit.p2p import PointPredictorModule
+
+    class Recording(PointPredictorModule):
+        seen: list = []
+
+        def validation_step(self, batch, batch_idx):
+            if not self.trainer.sanity_checking:
+                self.seen.append(self.model.classification[-1].bias.detach().clone())
+            return super().validation_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    optim = {"lr": 1e-2, "backbone_lr": 1e-2, "weight_decay": 0.0, "step_size": 100, "gamma": 0.1}
+    module = Recording(_small(cls_prior=0.01), P2PLoss(), optim)
+    ema = EMAWeightAveraging(decay=0.5)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        num_sanity_val_steps=0, callbacks=[ema, checkpoint], enable_model_summary=False)
+    trainer.fit(module, _synthetic_loader("train", 8), _synthetic_loader("val", 2))
+    averaged = ema._average_model.module.model.classification[-1].bias.detach()
+    assert len(Recording.seen) >= 1 and torch.equal(Recording.seen[-1], averaged)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert torch.equal(state["state_dict"]["model.classification.4.bias"], averaged)
+    live = state["current_model_state"]["model.classification.4.bias"]
+    assert not torch.equal(live, averaged)  # decay 0.5 over 4 steps: the live weights differ
