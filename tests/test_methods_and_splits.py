@@ -223,3 +223,10 @@ def test_predict_writes_points_for_a_folder(tiny_overrides, tmp_path):
     for image in images:
         record = json.loads((out / f"{image.stem}.json").read_text())
         assert record["name"] == image.name and record["count"] == len(record["points"])
+
+
+def test_show_to_an_unwritable_path_is_one_line(tiny_overrides, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["show", str(P2P), *tiny_overrides, "--n", "1", "--out", str(blocker / "x.png")]) == 2
+    assert "--out: cannot write" in capsys.readouterr().err

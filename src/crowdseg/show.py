@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from crowdseg.data import build_dataset
+from crowdseg.errors import ConfigError
 from crowdseg.runs import run_dir
 from datamodules.show import save_sample_grid
 
@@ -17,5 +18,8 @@ def show(cfg: DictConfig, n: int = 8, out: Optional[str] = None) -> Path:
     dataset = build_dataset(cfg, cfg.data.train_split, train=True)
     samples = [dataset[i % len(dataset)] for i in tqdm(range(n), desc="samples", leave=False)]
     path = Path(out) if out else run_dir(cfg) / "pictures" / "samples.png"
-    save_sample_grid(samples, path)
+    try:
+        save_sample_grid(samples, path)
+    except OSError as err:
+        raise ConfigError(f"--out: cannot write {path} ({err.strerror or err})") from None
     return path
