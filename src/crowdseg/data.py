@@ -76,11 +76,18 @@ def masks_dir_of(cfg: DictConfig, split: str) -> str | None:
     return cfg.data.masks_dir.replace("{split}", split) if cfg.data.masks_dir else None
 
 
-def build_dataset(cfg: DictConfig, split: str, train: bool = False, names=None) -> Dataset:
+def build_dataset(cfg: DictConfig, split: str, train: bool = False, names=None, transform=None,
+                  with_masks: bool = True) -> Dataset:
     """The dataset of `split` ("train", "val", "test" or a dataset-specific split name), whole images,
-    optionally only the images in `names`; `train=True` adds the training augmentations."""
-    return _build_dataset(cfg.data.name, cfg.data.root, split, transform=train_transform(cfg) if train else None,
-                          names=names, **dataset_options(cfg, split))
+    optionally only the images in `names`; `train=True` adds the training augmentations, `transform`
+    another one (e.g. the two views of unlabeled images); `with_masks=False` attaches no instance maps
+    (unlabeled images need none)."""
+    options = dataset_options(cfg, split)
+    if not with_masks:
+        options.pop("masks_dir", None)
+    return _build_dataset(cfg.data.name, cfg.data.root, split, names=names,
+                          transform=transform if transform is not None else train_transform(cfg) if train else None,
+                          **options)
 
 
 def _listed(cfg: DictConfig, key: str, available: list[str], split: str) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import DictConfig
 
@@ -197,9 +197,8 @@ def reaches_phase2(cfg: DictConfig) -> bool:
 def build_datamodule(cfg: DictConfig):
     """Labeled (points + masks, training crops) and, with `xmask.semi`, unlabeled (two views) training
     sets of the run's label split (crowdseg.data.plan_split), val and test (whole images)."""
-    from crowdseg.data import build_dataset, build_eval_datasets, dataset_options, plan_split
+    from crowdseg.data import build_dataset, build_eval_datasets, plan_split
     from datamodules.crowd import CrowdDataModule
-    from datamodules.dataset import build_dataset as read_dataset
     from datamodules.semi import SemiSupervisedDataModule
     from datamodules.transforms import TwoViewTransform
 
@@ -221,10 +220,7 @@ def build_datamodule(cfg: DictConfig):
                               "image (use a fraction below 100, or xmask.semi=false)")
         views = TwoViewTransform(crop_size=data.crop_size, scale_range=tuple(data.scale_range), hflip=data.hflip,
                                  weak=x.weak, strong=x.strong, cutout=x.cutout, seed=cfg.seed)
-        options: dict[str, Any] = dict(dataset_options(cfg, data.train_split))
-        options.pop("masks_dir", None)  # unlabeled images need no masks
-        unlabeled = read_dataset(data.name, data.root, data.train_split, transform=views, names=split.unlabeled,
-                                 **options)
+        unlabeled = build_dataset(cfg, data.train_split, names=split.unlabeled, transform=views, with_masks=False)
         datamodule = SemiSupervisedDataModule(labeled, unlabeled, val=evals["val"], test=evals["test"],
                                               predict=evals["test"], labeled_batch_size=data.batch_size,
                                               unlabeled_batch_size=x.unlabeled_batch_size or data.batch_size,
