@@ -18,10 +18,13 @@ Labels: `points` (head centres), `boxes` (full visible-person boxes, xyxy), `hea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from crowdseg.errors import DataError
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 SKIN = np.array([[255, 219, 172], [241, 194, 125], [224, 172, 105], [198, 134, 66], [141, 85, 36]], np.float32)
@@ -34,6 +37,8 @@ class SyntheticSpec:
     min_people: int = 5
     max_people: int = 120
     seed: int = 0
+    full_boxes: bool = False  # also label `full_boxes`: each person's whole (amodal) head + torso box
+    person_scale: float = 1.0  # people this many times larger (more occlusion: a zoomed-in crowd)
 
 
 def render_crowd(spec: SyntheticSpec, split: str, index: int) -> dict:
@@ -51,15 +56,19 @@ def render_crowd(spec: SyntheticSpec, split: str, index: int) -> dict:
     ys = h * (0.08 + 0.9 * rng.uniform(0, 1, n) ** 1.6)
     xs = rng.uniform(0.02 * w, 0.98 * w, n)
     head_r = (0.008 + 0.03 * ys / h) * min(h, w) * rng.uniform(0.85, 1.15, n)
+    if spec.person_scale != 1.0:
+        head_r = head_r * spec.person_scale
     order = np.argsort(ys)  # far (small y) first, near people painted last
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
 
+    full = np.zeros((n, 4), np.float32)  # whole-person boxes, occluded parts included
     for k in order:
         r, cx, cy = head_r[k], xs[k], ys[k]
         body_color = rng.uniform(20, 235, 3).astype(np.float32)
         skin = SKIN[rng.integers(len(SKIN))] * rng.uniform(0.85, 1.05)
         # torso: an ellipse below the head, about 1.6 head widths wide and 3 heads tall
         tx, ty, ta, tb = cx + rng.normal(0, 0.2 * r), cy + 3.2 * r, 1.6 * r, 2.6 * r
+        full[k] = (min(cx - r, tx - ta), cy - 1.15 * r, max(cx + r, tx + ta), ty + tb)
         _paint_ellipse(image, owner, yy, xx, tx, ty, ta, tb, body_color, k + 1)
         _paint_ellipse(image, owner, yy, xx, cx, cy, r, 1.15 * r, skin, k + 1)
         if rng.uniform() < 0.7:  # hair: the upper part of the head in a dark colour
@@ -68,7 +77,21 @@ def render_crowd(spec: SyntheticSpec, split: str, index: int) -> dict:
                            clip_to=owner == k + 1)
 
     image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
-    return _labels_from_owner(image, owner, xs, ys, head_r)
+    labels = _labels_from_owner(image, owner, xs, ys, head_r)
+    if spec.full_boxes:
+        labels["full_boxes"] = _kept_full_boxes(owner, xs, ys, full)
+    return labels
+
+
+def _kept_full_boxes(owner, xs, ys, full) -> np.ndarray:
+    """The whole-person boxes (N, 4) of the people `_labels_from_owner` keeps, in its order, clipped
+    to the image (a box may cover pixels of nearer people: it is the box a person annotator draws)."""
+    h, w = owner.shape
+    rows = np.clip(np.round(ys).astype(int), 0, h - 1)
+    cols = np.clip(np.round(xs).astype(int), 0, w - 1)
+    keep = np.flatnonzero(owner[rows, cols] == np.arange(1, len(xs) + 1))
+    keep = keep[np.lexsort((xs[keep], ys[keep]))]
+    return np.clip(full[keep], 0, [w - 1, h - 1, w - 1, h - 1]).astype(np.float32).reshape(-1, 4)
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -138,19 +161,37 @@ class SyntheticCrowd(Dataset):
     """
 
     def __init__(self, num_images: int, split: str = "train", spec: SyntheticSpec = SyntheticSpec(),
-                 transform=None):
+                 transform=None, indices: Sequence[int] | None = None):
         self.num_images, self.split, self.spec, self.transform = num_images, split, spec, transform
+        self.indices = list(range(num_images)) if indices is None else list(indices)
 
     def __len__(self) -> int:
-        return self.num_images
+        return len(self.indices)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.image_name(i) for i in self.indices]
+
+    def image_name(self, index: int) -> str:
+        return f"{self.split}_{index:05d}.png"
+
+    def subset(self, names, transform="same") -> "SyntheticCrowd":
+        """The images named in `names` (in this dataset's order), optionally with another transform."""
+        wanted = set(names)
+        missing = wanted - set(self.names)
+        if missing:
+            raise DataError(f"synthetic: {len(missing)} name(s) are not in this dataset, e.g. {sorted(missing)[0]!r}")
+        return SyntheticCrowd(self.num_images, self.split, self.spec, self.transform if transform == "same" else transform,
+                              [i for i in self.indices if self.image_name(i) in wanted])
 
     def point_counts(self) -> list[int]:
         """The number of people of every image (renders them; no augmentation)."""
-        return [len(render_crowd(self.spec, self.split, i)["points"]) for i in range(self.num_images)]
+        return [len(render_crowd(self.spec, self.split, i)["points"]) for i in self.indices]
 
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.num_images:
-            raise IndexError(index)
+    def __getitem__(self, position: int) -> dict:
+        if not 0 <= position < len(self.indices):
+            raise IndexError(position)
+        index = self.indices[position]
         raw = render_crowd(self.spec, self.split, index)
         h, w = raw["instance_map"].shape
         sample = {
@@ -159,7 +200,9 @@ class SyntheticCrowd(Dataset):
             "boxes": torch.from_numpy(raw["boxes"]),
             "head_boxes": torch.from_numpy(raw["head_boxes"]),
             "instance_map": torch.from_numpy(raw["instance_map"]).long(),
-            "meta": {"dataset": "synthetic", "name": f"{self.split}_{index:05d}.png",
+            "meta": {"dataset": "synthetic", "name": self.image_name(index),
                      "orig_size": (h, w), "scale": 1.0},
         }
+        if self.spec.full_boxes:
+            sample["full_boxes"] = torch.from_numpy(raw["full_boxes"])
         return self.transform(sample) if self.transform is not None else sample
