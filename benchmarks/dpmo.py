@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
-from crowdseg.config.schema import DpmoConfig  # noqa: E402
+from crowdseg.methods.dpmo import DpmoConfig  # noqa: E402
 from crowdseg.dpmo import generate_instance_map, nearest_neighbours, nnec_radii  # noqa: E402
 from crowdseg.sam import BatchedSamPredictor, build_sam  # noqa: E402
 

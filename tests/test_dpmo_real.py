@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from crowdseg.config.schema import DpmoConfig
+from crowdseg.methods.dpmo import DpmoConfig
 from crowdseg.dpmo import generate_instance_map, nnec_radii
 from crowdseg.sam import BatchedSamPredictor, ImageEmbedding, build_sam
 from datamodules.readers import READERS

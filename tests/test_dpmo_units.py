@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from crowdseg.config.schema import DpmoConfig
+from crowdseg.methods.dpmo import DpmoConfig
 from crowdseg.dpmo import (Tile, assign_points, build_prompts, check_dpmo_config, exclusion_mask_prompt,
                            finalize_instances, plan_tiles, resolve_overlaps, select_candidates, tile_scale)
 from crowdseg.dpmo.prompts import circle_pixels, window_cells_geometry
