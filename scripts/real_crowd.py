@@ -97,7 +97,8 @@ def build(args) -> tuple[torch.nn.Module, torch.nn.Module]:
                                head_channels=args.head_channels, anchor_rows=args.anchors, anchor_cols=args.anchors,
                                cls_prior=args.cls_prior)
         loss = P2PLoss(cost_class=args.cost_class, cost_point=args.cost_point, eos_coef=args.eos_coef,
-                       point_loss_coef=args.point_loss_coef, cls_loss=args.cls_loss, focal_gamma=args.focal_gamma)
+                       point_loss_coef=args.point_loss_coef, cls_loss=args.cls_loss, focal_gamma=args.focal_gamma,
+                       match_on=args.match_on)
     else:
         channels = CSRNET_CHANNELS if args.density_channels is None else tuple(args.density_channels)
         model = DensityCounter(create_backbone(args.backbone, reductions=(8,)), channels=channels)
@@ -105,11 +106,15 @@ def build(args) -> tuple[torch.nn.Module, torch.nn.Module]:
     return model, loss
 
 
+SWEEP = (0.3, 0.4, 0.6)
+
+
 @torch.no_grad()
 def evaluate(model, samples: list[dict], args) -> dict[str, float]:
     model.eval()
     counting, localization = CountingMetrics(), LocalizationMetrics(fixed_radii=(4.0, 8.0))
-    max_scores, above, soft_counts, local_max, local_sum, errors = [], [], [], [], [], []
+    max_scores, above, soft_counts, local_max, local_sum, errors, duplicates = [], [], [], [], [], [], []
+    sweep = {t: [] for t in SWEEP}  # count error at other score thresholds (a diagnostic, not selection)
     for s in samples:
         batch = collate_samples([s])
         gt = batch["points"][0]
@@ -121,6 +126,10 @@ def evaluate(model, samples: list[dict], args) -> dict[str, float]:
             points = points[inside]
             prob = out["logits"].softmax(-1)[0, :, 1]
             count = float(len(points))
+            inside_all = ((out["points"][0, :, 0] >= -0.5) & (out["points"][0, :, 0] < w - 0.5)
+                          & (out["points"][0, :, 1] >= -0.5) & (out["points"][0, :, 1] < h - 0.5))
+            for t in SWEEP:
+                sweep[t].append(float(((prob > t) & inside_all).sum()) - len(gt))
             max_scores.append(float(prob.max()))
             soft_counts.append(float(prob.sum()))
             if len(gt):
@@ -128,6 +137,7 @@ def evaluate(model, samples: list[dict], args) -> dict[str, float]:
                 masked = torch.where(near, prob[None], torch.zeros_like(prob)[None])
                 local_max.append(float(masked.max(1).values.mean()))
                 local_sum.append(float(masked.sum(1).mean()))
+                duplicates.append(float((torch.cdist(gt, out["points"][0]) <= 2.0).sum(1).float().mean()))
             localization.update([points], [gt])
         else:
             density = model(batch["image"])["density"]
@@ -141,7 +151,9 @@ def evaluate(model, samples: list[dict], args) -> dict[str, float]:
         result.update(f1_4=loc["sigma_s_f1"], f1_8=loc["sigma_l_f1"], precision_8=loc["sigma_l_precision"],
                       recall_8=loc["sigma_l_recall"], max_score=float(np.mean(max_scores)),
                       soft_count_mae=float(np.mean([abs(c - len(s["points"])) for c, s in zip(soft_counts, samples)])),
-                      gt_local_max=float(np.mean(local_max)), gt_local_sum=float(np.mean(local_sum)))
+                      gt_local_max=float(np.mean(local_max)), gt_local_sum=float(np.mean(local_sum)),
+                      gt_predictions_within_2px=float(np.mean(duplicates)),
+                      **{f"mae_at_{t}": float(np.mean(np.abs(e))) for t, e in sweep.items()})
     model.train()
     return result
 
@@ -160,6 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cls-prior", type=float, default=None)
     ap.add_argument("--cls-loss", choices=("ce", "focal"), default="ce")
     ap.add_argument("--focal-gamma", type=float, default=2.0)
+    ap.add_argument("--match-on", choices=("predicted", "anchors"), default="predicted")
     ap.add_argument("--eos-coef", type=float, default=0.5)
     ap.add_argument("--point-loss-coef", type=float, default=2e-4)
     ap.add_argument("--cost-point", type=float, default=0.05)

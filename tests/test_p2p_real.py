@@ -103,3 +103,53 @@ def test_ema_weights_are_evaluated_and_checkpointed(tmp_path):
     assert torch.equal(state["state_dict"]["model.classification.4.bias"], averaged)
     live = state["current_model_state"]["model.classification.4.bias"]
     assert not torch.equal(live, averaged)  # decay 0.5 over 4 steps: the live weights differ
+
+
+def test_point_predictor_fires_on_a_real_image(shared_data):
+    """A few dozen steps on a 128 px crop of a real ShanghaiTech A image (14 heads): the prior-
+    initialised predictor must end with a non-zero count (P(person) > 0.5 somewhere)."""
+    from datamodules.dataset import build_dataset
+    from datamodules.loading import to_sample
+    from datamodules.transforms import scale_crop
+
+    ds = build_dataset("sha", str(shared_data / "shanghaitech_A_samples"), "all", max_size=512,
+                       names=["IMG_4.jpg"], progress=False)
+    sample = to_sample(scale_crop(ds.load_raw(0), 1.0, 160, 128, 128, 128))
+    image, gt = sample["image"][None], [sample["points"]]
+    assert len(gt[0]) == 14
+    torch.manual_seed(0)
+    model = _small(cls_prior=0.01)
+    criterion = P2PLoss()
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    with torch.no_grad():
+        assert len(select_points(**_outputs(model, image))[0][0]) == 0  # starts silent (prior 0.01)
+    for _ in range(40):
+        loss = criterion(model(image), gt)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        (points, scores), = select_points(**_outputs(model, image))
+    assert 0 < len(points) <= 3 * len(gt[0])
+
+
+def _outputs(model, image):
+    model.eval()
+    out = model(image)
+    model.train()
+    return {"points": out["points"], "logits": out["logits"]}
+
+
+def test_match_on_anchors_uses_the_fixed_anchor_points():
+    # two proposals: anchor 0 at (0, 0) predicts (20, 0); anchor 1 at (20, 0) predicts (0, 0)
+    outputs = {"anchors": torch.tensor([[0.0, 0.0], [20.0, 0.0]]),
+               "points": torch.tensor([[[20.0, 0.0], [0.0, 0.0]]], requires_grad=True),
+               "logits": torch.zeros(1, 2, 2, requires_grad=True)}
+    gt = [torch.tensor([[1.0, 0.0]])]
+    predicted = P2PLoss(point_loss_coef=1.0)(outputs, gt)
+    anchors = P2PLoss(point_loss_coef=1.0, match_on="anchors")(outputs, gt)
+    # P2PNet matches the prediction nearest the GT (anchor 1's); on anchors, anchor 0 is matched
+    assert predicted["point"].item() == pytest.approx(1.0)
+    assert anchors["point"].item() == pytest.approx(19.0 ** 2)
+    with pytest.raises(ValueError):
+        P2PLoss(match_on="boxes")

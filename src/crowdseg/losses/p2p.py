@@ -30,6 +30,7 @@ def hungarian_match(pred_points: torch.Tensor, pred_person_prob: torch.Tensor, g
 
 
 CLS_LOSSES = ("ce", "focal")
+MATCH_ON = ("predicted", "anchors")
 
 
 def focal_classification(logits: torch.Tensor, target: torch.Tensor, eos_coef: float, gamma: float,
@@ -81,20 +82,32 @@ class P2PLoss(nn.Module):
 
     The defaults are P2PNet's (METHODS.md C2, with the regression term applied); `cls_loss="focal"`
     with `focal_gamma` replaces the weighted cross-entropy (see `p2p_loss`).
+
+    match_on: the point whose distance to a GT point enters the matching cost: "predicted" (P2PNet:
+    anchor + regression) or "anchors" (the fixed anchor point; the regression still moves the matched
+    prediction onto its GT point). Matching on predicted points feeds the regression back into the
+    classification targets: once the regression has learned to move every anchor near a head onto
+    it, which of those near-identical predictions is matched is decided by small score and distance
+    differences, and the person score is split between them. Matching on anchors keeps the
+    classification target a fixed function of the image (the anchor nearest each head).
     """
 
     def __init__(self, cost_class: float = 1.0, cost_point: float = 0.05, eos_coef: float = 0.5,
-                 point_loss_coef: float = 2e-4, cls_loss: str = "ce", focal_gamma: float = 2.0):
+                 point_loss_coef: float = 2e-4, cls_loss: str = "ce", focal_gamma: float = 2.0,
+                 match_on: str = "predicted"):
         super().__init__()
         if cls_loss not in CLS_LOSSES:
             raise ValueError(f"cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
+        if match_on not in MATCH_ON:
+            raise ValueError(f"match_on must be one of {MATCH_ON}, got {match_on!r}")
         self.cost_class, self.cost_point = cost_class, cost_point
         self.eos_coef, self.point_loss_coef = eos_coef, point_loss_coef
-        self.cls_loss, self.focal_gamma = cls_loss, focal_gamma
+        self.cls_loss, self.focal_gamma, self.match_on = cls_loss, focal_gamma, match_on
 
     def forward(self, outputs: dict[str, torch.Tensor], gt_points: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         prob = outputs["logits"].detach().softmax(-1)[..., 1]
-        matches = [hungarian_match(outputs["points"][i].detach(), prob[i], gt_points[i].to(prob.device),
+        where = outputs["anchors"][None].expand_as(outputs["points"]) if self.match_on == "anchors" else outputs["points"]
+        matches = [hungarian_match(where[i].detach(), prob[i], gt_points[i].to(prob.device),
                                    self.cost_point, self.cost_class) for i in range(len(gt_points))]
         return p2p_loss(outputs["logits"], outputs["points"], gt_points, matches, self.eos_coef, self.point_loss_coef,
                         self.cls_loss, self.focal_gamma)
