@@ -94,7 +94,8 @@ def test_unreadable_image_during_caching_is_reported_or_skipped(tmp_path):
     root = tmp_path / "sha"
     shutil.copytree(SHA, root)
     data = (root / "images" / "IMG_51.jpg").read_bytes()
-    (root / "images" / "IMG_51.jpg").write_bytes(data[: len(data) // 3])
+    # complete (end marker present, so it passes the build checks) but undecodable: caught while caching
+    (root / "images" / "IMG_51.jpg").write_bytes(data[:400] + bytes(len(data) - 402) + data[-2:])
     from crowdseg.errors import DataError
 
     with pytest.raises(DataError, match=r"IMG_51\.jpg: unreadable or truncated image"):
