@@ -241,14 +241,15 @@ def run_masks(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"key 'dpmo.out_dir': cannot create {out_dir} ({err.strerror})") from None
     if is_global_zero():
         remove_stale_temp_files(out_dir)
+    # the masks are being made: read the images and points only, never attach existing masks
+    dataset = build_dataset(OmegaConf.merge(cfg, {"data": {"masks_dir": None}}), cfg.dpmo.split)
+    check_unique_stems([r.name for r in getattr(dataset, "records", [])], out_dir)
+    model = build_sam_from_config(cfg.sam)  # checks sam.checkpoint before it is hashed below
+    if is_global_zero():
         changed = settle_settings(out_dir, mask_settings(cfg))
         if changed:
             print(f"[crowdseg] {out_dir} holds masks made with other settings ({', '.join(changed[:6])}): "
                   f"making every image again", flush=True)
-    # the masks are being made: read the images and points only, never attach existing masks
-    dataset = build_dataset(OmegaConf.merge(cfg, {"data": {"masks_dir": None}}), cfg.dpmo.split)
-    check_unique_stems([r.name for r in getattr(dataset, "records", [])], out_dir)
-    model = build_sam_from_config(cfg.sam)
     dpmo = OmegaConf.create(OmegaConf.to_container(cfg.dpmo, resolve=True))
     module = MaskGenerator(model, dpmo, cfg.sam.prompt_chunk, out_dir, keep_images=cfg.dpmo.overlays)
     writer = MaskWriter(out_dir, cfg.dpmo.overlays, extra={"sam_model_type": cfg.sam.model_type,
