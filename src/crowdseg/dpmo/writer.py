@@ -116,11 +116,6 @@ def check_unique_stems(names: list[str], out_dir: Path) -> None:
         seen[stem] = name
 
 
-def build_predictor_model(cfg: DictConfig) -> nn.Module:
-    """Compatibility shim for `crowdseg.lit.rps` (being moved): use `build_sam_from_config(cfg.sam)`."""
-    return build_sam_from_config(cfg.sam)
-
-
 class MaskGenerator(L.LightningModule):
     """Predict step = `generate_instance_map` for each image of the batch (skipping finished ones)."""
 
