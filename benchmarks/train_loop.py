@@ -24,13 +24,16 @@ Cases (`CASES`):
   a step is short and costs no data, so what is left is the training loop's own cost per step
   (what a fast GPU step would see).
 
-Each (case, way) runs in a fresh process, `--repeats` times, interleaved, timed after warm-up steps;
-medians are reported, with wall time and the training process's CPU time per step (the CPU time
-is much less disturbed by other jobs on a shared machine). The Lightning run also times one
-`last.ckpt` write, amortised over `checkpoint_every_n_steps`.
+Each case runs in one fresh process: `--rounds` pairs of a bare segment and a Lightning segment
+(alternating which goes first), each from the same initial weights and timed after its warm-up
+steps, so the slow swings of a shared machine hit both ways alike. Reported: the median over rounds
+of the per-round ratio Lightning / bare (images/s), the medians of each way, and the training
+process's CPU time per step (much less disturbed by other jobs than wall time). The Lightning
+segments also time one `last.ckpt` write, amortised over `checkpoint_every_n_steps`. The
+DataLoader alone runs in a process of its own.
 
-    .venv/bin/python benchmarks/train_loop.py [--steps 10] [--warmup 2] [--loop-steps 60] [--repeats 2]
-                                              [key=value ...]
+    .venv/bin/python benchmarks/train_loop.py [--steps 6] [--warmup 2] [--rounds 3] [--loop-steps 60]
+                                              [--loop-rounds 4] [key=value ...]
 
 Extra `key=value` arguments are config overrides for every run (e.g. `data.num_workers=0`).
 Writes benchmarks/results/train_loop.json. `bare_loss`, `bare_step` and `lightning_losses` are also
@@ -180,14 +183,13 @@ def memory_batches(job: Any, count: int) -> list[dict]:
     return [distinct[i % len(distinct)] for i in range(count)]
 
 
-def run_bare(cfg: Any, case: str, steps: int, warmup: int) -> dict[str, Any]:
-    job, _ = build(cfg)
-    module = job.module
+def bare_segment(cfg: Any, job: Any, path: Path, module: Any, batches: Optional[list[dict]], total: int,
+                 warmup: int) -> dict[str, Any]:
+    """`total` steps of the bare loop on `module` (from the DataModule, or on `batches` held in memory)."""
     module.train()
     optimizer, scheduler = bare_optimizer(module)
     grad_clip = cfg.optim.grad_clip
-    total = warmup + steps
-    loader = job.datamodule.train_dataloader() if CASES[case][2] else memory_batches(job, total)
+    loader = job.datamodule.train_dataloader() if batches is None else batches
     ends, cpu, waits = [], [], []
     while len(ends) < total:                                        # epochs
         iterator = iter(loader)
@@ -205,15 +207,15 @@ def run_bare(cfg: Any, case: str, steps: int, warmup: int) -> dict[str, Any]:
     return summary(cfg, ends, cpu, waits, warmup)
 
 
-def run_lightning(cfg: Any, case: str, steps: int, warmup: int) -> dict[str, Any]:
+def lightning_segment(cfg: Any, job: Any, path: Path, module: Any, batches: Optional[list[dict]], total: int,
+                      warmup: int) -> dict[str, Any]:
+    """`total` steps of `crowdseg fit`'s Trainer on `module` (the job's DataModule, or `batches`)."""
     from torch.utils.data import DataLoader
-    job, path = build(cfg)
-    total = warmup + steps
     trainer, timer = lightning_trainer(cfg, path, job, total)
-    if CASES[case][2]:
-        trainer.fit(job.module, datamodule=job.datamodule)
+    if batches is None:
+        trainer.fit(module, datamodule=job.datamodule)
     else:
-        trainer.fit(job.module, train_dataloaders=DataLoader(memory_batches(job, total), batch_size=None))
+        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     waits = [0.0] + [s - e for s, e in zip(timer.starts[1:], timer.ends)]
     result = summary(cfg, timer.ends, timer.cpu, waits, warmup)
     # one `last.ckpt` write as `crowdseg fit` makes it (atomic torch.save of weights + optimizer state)
@@ -221,12 +223,27 @@ def run_lightning(cfg: Any, case: str, steps: int, warmup: int) -> dict[str, Any
     trainer.save_checkpoint(path / "checkpoints" / "timed.ckpt")
     result["checkpoint_s"] = time.perf_counter() - start
     result["checkpoint_mb"] = (path / "checkpoints" / "timed.ckpt").stat().st_size / 2 ** 20
-    result["checkpoint_every_n_steps"] = cfg.checkpoint_every_n_steps
-    result["checkpoint_share"] = result["checkpoint_s"] / (cfg.checkpoint_every_n_steps * result["step_s"])
     return result
 
 
-def run_data(cfg: Any, case: str, steps: int, warmup: int) -> dict[str, Any]:
+def run_pair(cfg: Any, case: str, steps: int, warmup: int, rounds: int) -> dict[str, Any]:
+    """`rounds` x (a bare segment and a Lightning segment, alternating which goes first), each from the
+    same initial weights, in this one process: slow drifts of a shared machine hit both ways alike."""
+    import copy
+    job, path = build(cfg)
+    initial = copy.deepcopy(job.module)
+    total = warmup + steps
+    batches = None if CASES[case][2] else memory_batches(job, total)
+    segments = {"bare": bare_segment, "lightning": lightning_segment}
+    out: dict[str, list[dict[str, Any]]] = {"bare": [], "lightning": []}
+    for r in range(rounds):
+        for way in (("bare", "lightning") if r % 2 == 0 else ("lightning", "bare")):
+            out[way].append(segments[way](cfg, job, path, copy.deepcopy(initial), batches, total, warmup))
+    ratios = [lt["images_per_s"] / bare["images_per_s"] for bare, lt in zip(out["bare"], out["lightning"])]
+    return {"segments": out, "round_ratios": ratios, "checkpoint_every_n_steps": cfg.checkpoint_every_n_steps}
+
+
+def run_data(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
     job, _ = build(cfg)
     loader = job.datamodule.train_dataloader()
     ends: list[float] = []
@@ -239,26 +256,26 @@ def run_data(cfg: Any, case: str, steps: int, warmup: int) -> dict[str, Any]:
     return {"images_per_s": cfg.data.batch_size / step, "batch_s": step}
 
 
-WAYS = {"bare": run_bare, "lightning": run_lightning, "data": run_data}
-
-
 def worker(args) -> None:
     torch.manual_seed(0)
     overrides = list(args.overrides) + CASES[args.case][0]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load(Path(args.experiment), overrides, Path(tmp) / "runs")
-        result = WAYS[args.worker](cfg, args.case, args.steps, args.warmup)
+        if args.worker == "data":
+            result = run_data(cfg, args.steps, args.warmup)
+        else:
+            result = run_pair(cfg, args.case, args.steps, args.warmup, args.rounds)
     result["torch_threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(result))
 
 
-def run_way(args, way: str, case: str, steps: int, warmup: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", way, "--case", case, "--steps", str(steps), "--warmup", str(warmup),
-           "--experiment", str(args.experiment), *args.overrides]
+def run_worker(args, what: str, case: str, steps: int, warmup: int, rounds: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", what, "--case", case, "--steps", str(steps), "--warmup", str(warmup),
+           "--rounds", str(rounds), "--experiment", str(args.experiment), *args.overrides]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **CASES[case][1]})
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not lines:
-        raise RuntimeError(f"{way} ({case}) failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{what} ({case}) failed:\n{out.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -268,54 +285,59 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run (demo case)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (demo case)")
-    parser.add_argument("--loop-steps", type=int, default=60, help="timed steps of the loop case")
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per segment (demo cases)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (demo cases)")
+    parser.add_argument("--rounds", type=int, default=3, help="bare + Lightning segment pairs (demo cases)")
+    parser.add_argument("--loop-steps", type=int, default=60, help="timed steps per segment of the loop case")
     parser.add_argument("--loop-warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--loop-rounds", type=int, default=4)
     parser.add_argument("--experiment", default=str(EXPERIMENT))
-    parser.add_argument("--worker", choices=sorted(WAYS), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("pair", "data"), help=argparse.SUPPRESS)
     parser.add_argument("--case", choices=sorted(CASES), default="demo", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value (both ways)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value (every run)")
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
 
-    plan = [(case, way, args.steps, args.warmup) for case in ("demo", "demo_passive") for way in ("bare", "lightning")]
-    plan += [("demo", "data", args.steps, args.warmup)]
-    plan += [("loop", way, args.loop_steps, args.loop_warmup) for way in ("bare", "lightning")]
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    load_avg = []
-    for _ in range(args.repeats):                                       # interleaved
-        for case, way, steps, warmup in plan:
-            load_avg.append(os.getloadavg()[0])
-            result = run_way(args, way, case, steps, warmup)
-            runs.setdefault(case, {}).setdefault(way, []).append(result)
-            print(f"{case:>12} {way:>9}: {result['images_per_s']:7.2f} images/s", flush=True)
-    med = {case: {way: median_of(r) for way, r in ways.items()} for case, ways in runs.items()}
-    ratios = {case: {"wall": med[case]["lightning"]["images_per_s"] / med[case]["bare"]["images_per_s"],
+    plan = {"demo": (args.steps, args.warmup, args.rounds), "demo_passive": (args.steps, args.warmup, args.rounds),
+            "loop": (args.loop_steps, args.loop_warmup, args.loop_rounds)}
+    cases, load_avg = {}, {}
+    for case, (steps, warmup, rounds) in plan.items():
+        load_avg[case] = os.getloadavg()[0]
+        cases[case] = run_worker(args, "pair", case, steps, warmup, rounds)
+        print(f"{case:>12}: Lightning / bare per round {[round(r, 3) for r in cases[case]['round_ratios']]}",
+              flush=True)
+    data = run_worker(args, "data", "demo", args.steps, args.warmup, 1)
+    med = {case: {way: median_of(segs) for way, segs in c["segments"].items()} for case, c in cases.items()}
+    ratios = {case: {"median_of_round_ratios": statistics.median(c["round_ratios"]),
+                     "wall": med[case]["lightning"]["images_per_s"] / med[case]["bare"]["images_per_s"],
                      "cpu": med[case]["bare"]["cpu_step_s"] / med[case]["lightning"]["cpu_step_s"]}
-              for case in med}
+              for case, c in cases.items()}
     experiment = Path(args.experiment).resolve()
+    demo_lt = med["demo"]["lightning"]
+    every = cases["demo"]["checkpoint_every_n_steps"]
     result = {
         "command": "python benchmarks/train_loop.py " + " ".join(sys.argv[1:]),
         "experiment": str(experiment.relative_to(ROOT)) if experiment.is_relative_to(ROOT) else str(experiment),
         "overrides": args.overrides,
-        "cases": {case: {"overrides": o, "env": e, "batches": "DataModule" if d else "in memory"}
+        "cases": {case: {"overrides": o, "env": e, "batches": "DataModule" if d else "in memory",
+                         "steps": plan[case][0], "warmup": plan[case][1], "rounds": plan[case][2]}
                   for case, (o, e, d) in CASES.items()},
-        "steps": args.steps, "warmup": args.warmup, "loop_steps": args.loop_steps, "loop_warmup": args.loop_warmup,
-        "repeats": args.repeats,
         "machine": {"platform": platform.platform(), "cpus": len(os.sched_getaffinity(0)),
-                    "load_avg_1min_during": [round(v, 1) for v in load_avg], "torch": torch.__version__,
-                    "cuda": torch.cuda.is_available()},
+                    "load_avg_1min_at_start": {k: round(v, 1) for k, v in load_avg.items()},
+                    "torch": torch.__version__, "cuda": torch.cuda.is_available()},
         "lightning_over_bare": ratios,
-        "lightning_overhead_demo": 1.0 - ratios["demo"]["wall"],
+        "lightning_overhead_demo": 1.0 - ratios["demo"]["median_of_round_ratios"],
         "data_share_demo": {w: med["demo"][w]["data_share"] for w in ("bare", "lightning")},
+        "data_loader_alone_images_per_s": data["images_per_s"],
         "passive_over_default_bare": med["demo_passive"]["bare"]["images_per_s"] / med["demo"]["bare"]["images_per_s"],
-        "loop_overhead_ms_per_step": 1000 * (med["loop"]["lightning"]["step_s"] - med["loop"]["bare"]["step_s"]),
-        "median": med, "runs": runs,
+        "checkpoint": {"mb": demo_lt["checkpoint_mb"], "s": demo_lt["checkpoint_s"], "every_n_steps": every,
+                       "share_demo": demo_lt["checkpoint_s"] / (every * demo_lt["step_s"]),
+                       "share_demo_passive": med["demo_passive"]["lightning"]["checkpoint_s"]
+                       / (every * med["demo_passive"]["lightning"]["step_s"])},
+        "median": med, "runs": cases, "data_run": data,
     }
     print(f"\n{'case':>12} {'way':>9} {'images/s':>9} {'s/step':>8} {'CPU s/step':>10} {'data share':>10}")
     for case in CASES:
@@ -323,11 +345,13 @@ def main() -> None:
             m = med[case][way]
             print(f"{case:>12} {way:>9} {m['images_per_s']:>9.2f} {m['step_s']:>8.3f} {m['cpu_step_s']:>10.3f} "
                   f"{m['data_share']:>10.1%}")
-        print(f"{case:>12} lightning / bare: {ratios[case]['wall']:.3f} wall, {ratios[case]['cpu']:.3f} CPU time")
-    print(f" demo data loader alone: {med['demo']['data']['images_per_s']:.1f} images/s")
-    lt = med["demo"]["lightning"]
-    print(f" last.ckpt: {lt['checkpoint_mb']:.0f} MB in {lt['checkpoint_s']:.2f} s, every "
-          f"{lt['checkpoint_every_n_steps']:.0f} steps = {lt['checkpoint_share']:.1%} of the demo's steps")
+        r = ratios[case]
+        print(f"{case:>12} Lightning / bare: {r['median_of_round_ratios']:.3f} (median of rounds), "
+              f"{r['wall']:.3f} (medians), {r['cpu']:.3f} (CPU time)")
+    print(f"demo DataLoader alone: {data['images_per_s']:.1f} images/s")
+    c = result["checkpoint"]
+    print(f"last.ckpt: {c['mb']:.0f} MB in {c['s']:.2f} s, every {every} steps = {c['share_demo']:.2%} (demo), "
+          f"{c['share_demo_passive']:.2%} (demo_passive) of the training time")
     from crowdseg.io import write_json_atomic
     write_json_atomic(Path(args.out), result)
     print(f"wrote {args.out}")
