@@ -28,17 +28,17 @@ def tiny_version(path: Path, runs_root: Path) -> list[str]:
     """Overrides that turn any experiment into a few tiny synthetic images and small models."""
     cfg = load_config(path)
     overrides = [f"runs_root={runs_root}", "data.name=synthetic", "data.root=null", "data.num_workers=0",
-                 "data.val_fraction=0", "data.labeled_list=null", "data.label_fraction=100", "data.masks_dir=null",
+                 "data.val_fraction=0", "data.labeled_list=null", "data.label_fraction=50", "data.masks_dir=null",
                  "data.cache_dir=null", "data.max_size=null", "data.batch_size=2", "data.crop_size=64",
                  "data.synthetic.num_train=4", "data.synthetic.num_val=2", "data.synthetic.num_test=2",
                  "data.synthetic.height=64", "data.synthetic.width=64", "data.synthetic.max_people=8",
                  "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto", "trainer.fast_dev_run=true"]
-    present = OmegaConf.to_container(cfg)
     for key, value in (("model.pretrained", "null"), ("model.backbone", "resnet10t"), ("model.fpn_channels", 16),
                        ("model.head_channels", 16), ("density.channels", "[16]"), ("sam.model_type", "tiny"),
-                       ("sam.checkpoint", "null"), ("rps.proposer_ckpt", "null")):
-        section, _, name = key.partition(".")
-        if name in present.get(section, {}):
+                       ("sam.checkpoint", "null"), ("rps.proposer_ckpt", "null"), ("boxinst.model.pretrained", "null"),
+                       ("boxinst.model.backbone", "resnet18"), ("boxinst.init_ckpt", "null"),
+                       ("boxinst.eval_data.name", "null")):
+        if OmegaConf.select(cfg, key, default="absent") != "absent":
             overrides.append(f"{key}={value}")
     return overrides
 
