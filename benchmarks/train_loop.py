@@ -25,8 +25,11 @@ Cases (`CASES`):
   (what a fast GPU step would see).
 
 Each case runs in one fresh process: `--rounds` pairs of a bare segment and a Lightning segment
-(alternating which goes first), each from the same initial weights and timed after its warm-up
-steps, so the slow swings of a shared machine hit both ways alike. Reported: the median over rounds
+(alternating which goes first), each from the same initial weights and the same batches (the random
+state is reset before each segment and the bare loop's workers are seeded as Lightning seeds them;
+the JSON says whether the first losses agreed), timed after its warm-up steps, so the slow swings
+of a shared machine hit both ways alike. Without that, the two ways train on different crops, and
+the cost of a step varies with its crop by more than Lightning's overhead. Reported: the median over rounds
 of the per-round ratio Lightning / bare (images/s), the medians of each way, and the training
 process's CPU time per step (much less disturbed by other jobs than wall time). The Lightning
 segments also time one `last.ckpt` write, amortised over `checkpoint_every_n_steps`. The
@@ -189,8 +192,16 @@ def bare_segment(cfg: Any, job: Any, path: Path, module: Any, batches: Optional[
     module.train()
     optimizer, scheduler = bare_optimizer(module)
     grad_clip = cfg.optim.grad_clip
-    loader = job.datamodule.train_dataloader() if batches is None else batches
-    ends, cpu, waits = [], [], []
+    if batches is None:
+        from functools import partial
+
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+        loader = job.datamodule.train_dataloader()
+        # seed the workers as Lightning does under seed_everything(workers=True), so both ways get the same crops
+        loader.worker_init_fn = partial(pl_worker_init_function, rank=0)
+    else:
+        loader = batches
+    ends, cpu, waits, losses = [], [], [], []
     while len(ends) < total:                                        # epochs
         iterator = iter(loader)
         while len(ends) < total:
@@ -199,12 +210,12 @@ def bare_segment(cfg: Any, job: Any, path: Path, module: Any, batches: Optional[
             if batch is None:
                 break
             waits.append(time.perf_counter() - start)
-            bare_step(module, optimizer, batch, grad_clip)
+            losses.append(bare_step(module, optimizer, batch, grad_clip))
             ends.append(time.perf_counter())
             cpu.append(time.process_time())
         if scheduler is not None:
             scheduler.step()
-    return summary(cfg, ends, cpu, waits, warmup)
+    return {**summary(cfg, ends, cpu, waits, warmup), "first_loss": losses[0]}
 
 
 def lightning_segment(cfg: Any, job: Any, path: Path, module: Any, batches: Optional[list[dict]], total: int,
@@ -217,7 +228,7 @@ def lightning_segment(cfg: Any, job: Any, path: Path, module: Any, batches: Opti
     else:
         trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     waits = [0.0] + [s - e for s, e in zip(timer.starts[1:], timer.ends)]
-    result = summary(cfg, timer.ends, timer.cpu, waits, warmup)
+    result = {**summary(cfg, timer.ends, timer.cpu, waits, warmup), "first_loss": timer.losses[0]}
     # one `last.ckpt` write as `crowdseg fit` makes it (atomic torch.save of weights + optimizer state)
     start = time.perf_counter()
     trainer.save_checkpoint(path / "checkpoints" / "timed.ckpt")
@@ -228,8 +239,11 @@ def lightning_segment(cfg: Any, job: Any, path: Path, module: Any, batches: Opti
 
 def run_pair(cfg: Any, case: str, steps: int, warmup: int, rounds: int) -> dict[str, Any]:
     """`rounds` x (a bare segment and a Lightning segment, alternating which goes first), each from the
-    same initial weights, in this one process: slow drifts of a shared machine hit both ways alike."""
+    same initial weights and the same batches (the random state is reset before each), in this one
+    process: slow drifts of a shared machine hit both ways alike."""
     import copy
+
+    import lightning as L
     job, path = build(cfg)
     initial = copy.deepcopy(job.module)
     total = warmup + steps
@@ -238,9 +252,14 @@ def run_pair(cfg: Any, case: str, steps: int, warmup: int, rounds: int) -> dict[
     out: dict[str, list[dict[str, Any]]] = {"bare": [], "lightning": []}
     for r in range(rounds):
         for way in (("bare", "lightning") if r % 2 == 0 else ("lightning", "bare")):
-            out[way].append(segments[way](cfg, job, path, copy.deepcopy(initial), batches, total, warmup))
+            module = copy.deepcopy(initial)
+            L.seed_everything(cfg.seed, workers=True, verbose=False)   # the same shuffle and crops each time
+            out[way].append(segments[way](cfg, job, path, module, batches, total, warmup))
     ratios = [lt["images_per_s"] / bare["images_per_s"] for bare, lt in zip(out["bare"], out["lightning"])]
-    return {"segments": out, "round_ratios": ratios, "checkpoint_every_n_steps": cfg.checkpoint_every_n_steps}
+    same = all(abs(lt["first_loss"] - bare["first_loss"]) <= 1e-5 * abs(bare["first_loss"])
+               for bare, lt in zip(out["bare"], out["lightning"]))
+    return {"segments": out, "round_ratios": ratios, "same_first_batch": same,
+            "checkpoint_every_n_steps": cfg.checkpoint_every_n_steps}
 
 
 def run_data(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
@@ -307,8 +326,8 @@ def main() -> None:
     for case, (steps, warmup, rounds) in plan.items():
         load_avg[case] = os.getloadavg()[0]
         cases[case] = run_worker(args, "pair", case, steps, warmup, rounds)
-        print(f"{case:>12}: Lightning / bare per round {[round(r, 3) for r in cases[case]['round_ratios']]}",
-              flush=True)
+        print(f"{case:>12}: Lightning / bare per round {[round(r, 3) for r in cases[case]['round_ratios']]}"
+              f" (same first batch: {cases[case]['same_first_batch']})", flush=True)
     data = run_worker(args, "data", "demo", args.steps, args.warmup, 1)
     med = {case: {way: median_of(segs) for way, segs in c["segments"].items()} for case, c in cases.items()}
     ratios = {case: {"median_of_round_ratios": statistics.median(c["round_ratios"]),
