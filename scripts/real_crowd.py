@@ -107,6 +107,7 @@ def build(args) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 SWEEP = (0.3, 0.4, 0.6)
+MERGE_RADII = (2.0, 4.0)
 
 
 @torch.no_grad()
@@ -114,7 +115,9 @@ def evaluate(model, samples: list[dict], args) -> dict[str, float]:
     model.eval()
     counting, localization = CountingMetrics(), LocalizationMetrics(fixed_radii=(4.0, 8.0))
     max_scores, above, soft_counts, local_max, local_sum, errors, duplicates = [], [], [], [], [], [], []
-    sweep = {t: [] for t in SWEEP}  # count error at other score thresholds (a diagnostic, not selection)
+    sweep = {t: [] for t in SWEEP}
+    merged_errors = {r: [] for r in MERGE_RADII}
+    merged_loc = {r: LocalizationMetrics(fixed_radii=(4.0, 8.0)) for r in MERGE_RADII}  # count error at other score thresholds (a diagnostic, not selection)
     for s in samples:
         batch = collate_samples([s])
         gt = batch["points"][0]
@@ -130,6 +133,11 @@ def evaluate(model, samples: list[dict], args) -> dict[str, float]:
                           & (out["points"][0, :, 1] >= -0.5) & (out["points"][0, :, 1] < h - 0.5))
             for t in SWEEP:
                 sweep[t].append(float(((prob > t) & inside_all).sum()) - len(gt))
+            for r in MERGE_RADII:
+                (mp, _), = select_points(out["points"][:, inside_all], out["logits"][:, inside_all], args.threshold,
+                                         merge_radius=r)
+                merged_errors[r].append(len(mp) - len(gt))
+                merged_loc[r].update([mp], [gt])
             max_scores.append(float(prob.max()))
             soft_counts.append(float(prob.sum()))
             if len(gt):
@@ -154,6 +162,10 @@ def evaluate(model, samples: list[dict], args) -> dict[str, float]:
                       gt_local_max=float(np.mean(local_max)), gt_local_sum=float(np.mean(local_sum)),
                       gt_predictions_within_2px=float(np.mean(duplicates)),
                       **{f"mae_at_{t}": float(np.mean(np.abs(e))) for t, e in sweep.items()})
+        for r in MERGE_RADII:
+            loc = {k: float(v) for k, v in merged_loc[r].compute().items()}
+            result.update({f"merge{r:g}_mae": float(np.mean(np.abs(merged_errors[r]))),
+                           f"merge{r:g}_f1_4": loc["sigma_s_f1"], f"merge{r:g}_f1_8": loc["sigma_l_f1"]})
     model.train()
     return result
 
@@ -289,6 +301,10 @@ def main(argv=None) -> int:
                 best_ema = {"step": record["step"], **{k[4:]: v for k, v in record.items() if k.startswith("ema_")}}
                 if args.save:
                     torch.save(ema.model.state_dict(), args.save)
+    if args.save:
+        torch.save(model.state_dict(), args.save + ".last")
+        if ema:
+            torch.save(ema.model.state_dict(), args.save + ".ema_last")
     emit({"kind": "summary", "best": best, "best_ema": best_ema if ema else None,
           "val_mean_count_baseline_mae": baseline, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0})
     return 0

@@ -153,3 +153,33 @@ def test_match_on_anchors_uses_the_fixed_anchor_points():
     assert anchors["point"].item() == pytest.approx(19.0 ** 2)
     with pytest.raises(ValueError):
         P2PLoss(match_on="boxes")
+
+
+def test_merge_points_by_hand():
+    from crowdseg.models.p2p import merge_points
+
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [11.0, 0.0], [30.0, 0.0]])
+    scores = torch.tensor([0.3, 0.3, 0.9, 0.8, 0.4])
+    kept, merged = merge_points(points, scores, radius=2.0)
+    # duplicates at 10/11 count once (clipped to 1), the split head at 0/1 is found, 0.4 alone is not
+    assert kept.tolist() == [[10.0, 0.0], [0.0, 0.0]] and merged.tolist() == pytest.approx([1.0, 0.6])
+    logits = torch.log(torch.stack([1 - scores, scores], -1))[None]
+    (plain, _), = select_points(points[None], logits, 0.5)
+    (with_merge, _), = select_points(points[None], logits, 0.5, merge_radius=2.0)
+    assert len(plain) == 2 and with_merge.tolist() == kept.tolist()
+
+
+def test_merge_points_matches_brute_force():
+    from torchvision.ops import nms
+
+    from crowdseg.models.p2p import merge_points
+
+    gen = torch.Generator().manual_seed(1)
+    for radius in (1.0, 3.0, 5.0):
+        points, scores = torch.rand(400, 2, generator=gen) * 60 - 5, torch.rand(400, generator=gen) * 0.6
+        centres = nms(torch.cat([points - radius / 2, points + radius / 2], 1), scores, 0.0)
+        near = ((points[:, None] - points[centres][None]).abs() < radius).all(-1)
+        owner = near.to(torch.uint8).argmax(1)  # the highest-scoring centre near each prediction
+        merged = torch.zeros(len(centres)).index_add_(0, owner, scores).clamp(max=1.0)
+        kept, got = merge_points(points, scores, radius)
+        assert torch.equal(kept, points[centres][merged > 0.5]) and torch.allclose(got, merged[merged > 0.5])

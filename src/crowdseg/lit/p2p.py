@@ -36,6 +36,10 @@ class PointPredictorModule(StageHooks, L.LightningModule):
     on background or a second point in a person's mask is penalised where it ended up) or the
     anchors (`"anchors"`), with the person probabilities ``softmax(logits)[..., 1]``.
 
+    Points are selected with `select_points(..., score_threshold, merge_radius)`: merge_radius 0
+    (P2PNet) keeps every prediction scoring above the threshold; r > 0 merges predictions closer
+    than r pixels and sums their scores first (`models.p2p.merge_points`).
+
     Evaluation logs ``<stage>/mae``, ``rmse``, ``mse``, ``nae`` and localization
     ``<stage>/sigma_{s,l}_{precision,recall,f1,tp,fp,fn}`` at radii 4 and 8 px
     (`LOCALIZATION_RADII`) for stage ``val`` and ``test``; writes them to
@@ -47,13 +51,15 @@ class PointPredictorModule(StageHooks, L.LightningModule):
 
     def __init__(self, model: PointPredictor, criterion: P2PLoss, optim: dict[str, Any],
                  score_threshold: float = 0.5, run_dir: Optional[Path] = None, num_pictures: int = 4,
-                 mask_loss: Optional[PointMaskLoss] = None, mask_points: str = "predicted"):
+                 mask_loss: Optional[PointMaskLoss] = None, mask_points: str = "predicted",
+                 merge_radius: float = 0.0):
         super().__init__()
         if mask_points not in MASK_POINTS:
             raise ValueError(f"mask_points must be one of {MASK_POINTS}, got {mask_points!r}")
         self.model, self.criterion, self.optim = model, criterion, dict(optim)
         self.mask_loss, self.mask_points = mask_loss, mask_points
         self.score_threshold, self.run_dir, self.num_pictures = score_threshold, run_dir, num_pictures
+        self.merge_radius = float(merge_radius)
         self.counting = nn.ModuleDict({"val": CountingMetrics(), "test": CountingMetrics()})
         self.localization = nn.ModuleDict({s: LocalizationMetrics(fixed_radii=LOCALIZATION_RADII)
                                            for s in ("val", "test")})
@@ -88,7 +94,7 @@ class PointPredictorModule(StageHooks, L.LightningModule):
     # -------------------------------------------------------------------------------- evaluation
     def predict_points(self, batch: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         outputs = self.model(batch["image"])
-        selected = select_points(outputs["points"], outputs["logits"], self.score_threshold)
+        selected = select_points(outputs["points"], outputs["logits"], self.score_threshold, self.merge_radius)
         # drop predictions that fell into the zero padding of smaller images in the batch
         result = []
         for (points, scores), (h, w) in zip(selected, batch["image_size"].tolist()):

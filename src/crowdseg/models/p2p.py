@@ -106,12 +106,61 @@ def init_class_prior(layer: nn.Conv2d, prior: float, std: float = 0.01) -> None:
         bias[:, 1] = math.log(prior / (1.0 - prior))
 
 
-def select_points(points: torch.Tensor, logits: torch.Tensor, threshold: float = 0.5
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per image, the points whose person probability exceeds `threshold` and those scores.
+def select_points(points: torch.Tensor, logits: torch.Tensor, threshold: float = 0.5, merge_radius: float = 0.0,
+                  candidate_threshold: float = 0.05) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image, the selected points and their scores.
 
     points (B, M, 2), logits (B, M, 2) -> [(points (N_b, 2), scores (N_b,)) for each image].
+    merge_radius 0 (P2PNet): the points whose person probability exceeds `threshold`.
+    merge_radius r > 0: `merge_points` over the predictions scoring above `candidate_threshold`:
+    near-duplicate predictions of one head become one point and a head whose probability is split
+    over several predictions is still found (see `merge_points`).
     """
     scores = logits.softmax(-1)[..., 1]
-    keep = scores > threshold
-    return [(points[b][keep[b]], scores[b][keep[b]]) for b in range(points.shape[0])]
+    if merge_radius <= 0:
+        keep = scores > threshold
+        return [(points[b][keep[b]], scores[b][keep[b]]) for b in range(points.shape[0])]
+    result = []
+    for b in range(points.shape[0]):
+        cand = scores[b] > candidate_threshold
+        result.append(merge_points(points[b][cand], scores[b][cand], merge_radius, threshold))
+    return result
+
+
+def merge_points(points: torch.Tensor, scores: torch.Tensor, radius: float, threshold: float = 0.5,
+                 chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy score-merging of point predictions: a point NMS that adds up what it suppresses.
+
+    points (K, 2), scores (K,) -> (points (N, 2), merged scores (N,)). "Near" means closer than
+    `radius` pixels along both x and y (a square window). Visiting the predictions by decreasing
+    score, each one that no earlier centre is near becomes a centre (torchvision's NMS on squares of
+    side `radius`); every prediction is absorbed by the highest-scoring centre near it. A centre is
+    kept, at its own position, when the summed score of what it absorbed exceeds `threshold`
+    (summed scores are clipped to 1), so near-duplicates of one head count once and a head whose
+    probability is split over neighbouring predictions is still found.
+    """
+    from torchvision.ops import nms
+
+    if len(points) == 0:
+        return points, scores
+    pts = points.float()
+    half = radius / 2.0
+    centres = nms(torch.cat([pts - half, pts + half], dim=1), scores.float(), 0.0)  # by decreasing score
+    # Centres are never near each other, so a grid of `radius` cells holds at most one centre per
+    # cell, and the centres near a prediction lie in its own or the 8 neighbouring cells.
+    cell = torch.floor(pts / radius).long()
+    key_of = lambda xy: (xy[:, 0] + (1 << 20)) * (1 << 21) + (xy[:, 1] + (1 << 20))  # noqa: E731
+    centre_keys, by_key = key_of(cell[centres]).sort()
+    rank_by_key = by_key  # position in `centres` (0 = highest score) of each sorted key
+    owner = torch.full((len(pts),), len(centres), dtype=torch.long, device=pts.device)
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            keys = key_of(cell + torch.tensor([dx, dy], device=pts.device))
+            pos = torch.searchsorted(centre_keys, keys).clamp(max=len(centre_keys) - 1)
+            rank = rank_by_key[pos]
+            hit = (centre_keys[pos] == keys) & ((pts - pts[centres[rank]]).abs() < radius).all(-1)
+            owner = torch.where(hit, torch.minimum(owner, rank), owner)
+    merged = torch.zeros(len(centres), dtype=scores.dtype, device=scores.device).index_add_(0, owner, scores)
+    merged = merged.clamp(max=1.0)
+    keep = merged > threshold
+    return points[centres][keep], merged[keep]
