@@ -3,6 +3,9 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 export UV_PYTHON_DOWNLOADS := never
+# OpenMP threads sleep while they wait instead of spinning: on a CPU shared with other jobs or with the
+# DataLoader workers, spinning intra-op threads made a training step 4.5x slower (BENCHMARKS.md, Training loop).
+export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install demo test test-fast bench clean
