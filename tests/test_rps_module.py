@@ -13,6 +13,7 @@ from crowdseg.config import load_config
 from crowdseg.lit.rps import RPSModule
 from crowdseg.runs import prepare_run_dir
 from crowdseg.train import build_job, build_trainer, evaluate, train
+from datamodules.readers.idmaps import read_id_map
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "experiments" / "rps" / "synthetic.yaml"
@@ -167,11 +168,14 @@ def test_fit_then_test_reports_selected_and_original_metrics(rps_overrides):
             assert name in written and written[name] == pytest.approx(metrics[name]), name
     assert 0 <= written["test/iou_c"] <= 1 and written["test/gt_instances"] > 0
     assert written["test/shift"] >= abs(written["test/shift_y"])
-    predictions = [p for batch in evaluate(cfg, "predict")["predictions"] for p in batch]
-    assert len(predictions) == cfg.data.synthetic.num_test
-    for p in predictions:
-        assert p["instance_map"].shape == (64, 64) and p["instance_map"].max() <= len(p["points"])
-        assert p["points"].shape == p["original_points"].shape
+    predicted = evaluate(cfg, "predict")
+    out = Path(predicted["predictions"])
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "summary.json"]
+    assert predicted["images"] == len(records) == cfg.data.synthetic.num_test
+    for record in records:
+        id_map = read_id_map(out / record["instance_map"])
+        assert id_map.shape == (64, 64) and id_map.max() <= record["count"] == len(record["points"])
+        assert len(record["points"]) == len(record["proposer_points"])
 
 
 @pytest.mark.slow

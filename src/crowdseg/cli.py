@@ -5,6 +5,12 @@ flags. A user-input problem (CrowdsegError) prints one line and exits with code 
 """
 from __future__ import annotations
 
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a shared CPU spinning made a training step ~4.5x
+# slower (benchmarks/train_loop.py). Set before torch is imported; a user's own value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import importlib
 import json
