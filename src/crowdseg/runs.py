@@ -129,8 +129,8 @@ def _stored_config(path: Path) -> Optional[dict[str, Any]]:
 
     try:
         return yaml.safe_load((path / "config.yaml").read_text())
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # no run there yet (a blocked path is reported by prepare_run_dir)
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{path / 'config.yaml'}: unreadable run config ({err}); move the run directory away") from None
 
