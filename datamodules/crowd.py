@@ -7,6 +7,8 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from crowdseg.errors import ConfigError
+from datamodules.distributed import world_and_rank
+from datamodules.resumable import resumable_loader
 from datamodules.types import collate_samples
 
 
@@ -22,16 +24,20 @@ class CrowdDataModule(L.LightningDataModule):
     """Wraps ready-made train/val/test datasets of samples (datamodules/types.py).
 
     `batch_size` is the *global* training batch size; each of the `world_size` processes loads
-    `batch_size // world_size`. Lightning injects a DistributedSampler under DDP, so every rank
-    sees a disjoint shard.
+    `batch_size // world_size`. The training loader is resumable (datamodules/resumable.py): a
+    stateful DistributedSampler gives every rank a disjoint shard, in an order drawn from (`seed`,
+    epoch), and a killed run continues mid-epoch with the same batches and augmentations. `seed`
+    None: `seed_everything`'s seed (as Lightning's own DistributedSampler). Lightning injects a
+    DistributedSampler into the val / test loaders under DDP.
     """
 
     def __init__(self, train: Optional[Dataset] = None, val: Optional[Dataset] = None,
                  test: Optional[Dataset] = None, predict: Optional[Dataset] = None,
-                 batch_size: int = 8, eval_batch_size: int = 1, num_workers: int = 0):
+                 batch_size: int = 8, eval_batch_size: int = 1, num_workers: int = 0, seed: Optional[int] = None):
         super().__init__()
         self.datasets = {"train": train, "val": val, "test": test, "predict": predict}
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.seed = seed
 
     def dataset(self, stage: str) -> Dataset:
         """The dataset of `stage`; one given as a zero-argument factory (e.g. a test split that is not
@@ -55,8 +61,12 @@ class CrowdDataModule(L.LightningDataModule):
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def train_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size if self.trainer is not None else 1
-        return self._loader("train", per_device_batch_size(self.batch_size, world), shuffle=True)
+        world, rank = world_and_rank(self.trainer)
+        dataset = self.dataset("train")
+        batch_size = per_device_batch_size(self.batch_size, world)
+        return resumable_loader(dataset, batch_size, num_replicas=world, rank=rank, seed=self.seed,
+                                drop_last=len(dataset) >= batch_size, num_workers=self.num_workers,
+                                collate_fn=collate_samples, pin_memory=self._on_gpu())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, shuffle=False)

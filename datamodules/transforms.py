@@ -20,9 +20,12 @@ training): `image` is the weak view, `image_strong` the strong one and `cutout` 
 the erased rectangle of the strong view. `EvalTransform` keeps the whole image and zero-pads it at
 the right and bottom to a multiple of 32 (`meta["valid_size"]` is the unpadded (H, W)).
 
-Randomness: each process (DataLoader worker) seeds its generator the first time it runs from
-(`seed`, `torch.initial_seed()`, worker id): workers and epochs differ, and runs seeded with
-Lightning's `seed_everything` repeat.
+Randomness: a sample loaded inside `datamodules.resumable.sample_key(epoch, index)` (what the
+training loaders do) draws from a generator seeded by (`seed`, epoch, index) alone, so its
+augmentation does not depend on workers, prefetching or where a killed run resumed. Outside such a
+context each process (DataLoader worker) seeds its generator the first time it runs from (`seed`,
+`torch.initial_seed()`, worker id): workers and epochs differ, and runs seeded with Lightning's
+`seed_everything` repeat.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.loading import RawSample, box_keys, own_pixel, stamp_point_pixels, to_sample
+from datamodules.resumable import current_sample_key
 
 PHOTOMETRIC = ("none", "weak", "strong")
 
@@ -207,19 +211,30 @@ def photometric_compose(kind: str) -> A.Compose | None:
 # transforms
 
 class _Seeded:
-    """A numpy generator (and albumentations composes) seeded once per process."""
+    """A numpy generator (and albumentations composes) seeded per sample key (`sample_key`), else
+    once per process."""
 
     def __init__(self, seed: int | None):
         self.seed = seed
         self._pid: int | None = None
         self._rng: np.random.Generator | None = None
+        self._key: object = None
 
     def _composes(self) -> list[A.Compose]:
         return []
 
     @property
     def rng(self) -> np.random.Generator:
+        key = current_sample_key()
+        if key is not None:
+            if self._key is not key:  # a new sample: (seed, epoch, index) alone decide its draws
+                self._rng = np.random.default_rng([self.seed or 0, *key.entropy()])
+                self._key, self._pid = key, None
+                for compose in self._composes():
+                    compose.set_random_seed(int(self._rng.integers(2 ** 31)))
+            return self._rng
         if self._rng is None or self._pid != os.getpid():
+            self._key = None
             info = torch.utils.data.get_worker_info()
             worker = info.id if info is not None else 0
             # torch.initial_seed() differs per worker and per epoch of non-persistent workers
@@ -231,7 +246,7 @@ class _Seeded:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_rng"], state["_pid"] = None, None
+        state["_rng"], state["_pid"], state["_key"] = None, None, None
         return state
 
 

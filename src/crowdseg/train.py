@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from crowdseg.config import to_yaml
+from crowdseg.continuation import StepSeed, kill_hooks, remove_stale_temporaries
 from crowdseg.errors import ConfigError
 from crowdseg.methods import METHODS, Job, Method
 from crowdseg.metrics import write_metrics_json
@@ -34,23 +33,6 @@ def build_job(cfg: DictConfig, path: Path) -> Job:
     return trainable(cfg).build(cfg, path)
 
 
-class KillAtStep(Callback):
-    """Test hook: SIGKILL this process once `step` training steps are done (env CROWDSEG_KILL_AT_STEP),
-    so kill-and-resume tests stop a child at a known point instead of after a sleep."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _test_hooks() -> list[Callback]:
-    step = os.environ.get("CROWDSEG_KILL_AT_STEP")
-    return [KillAtStep(int(step))] if step else []
-
-
 class StoreConfig(Callback):
     """Puts the run's resolved config into every checkpoint, so a checkpoint alone describes its run."""
 
@@ -68,12 +50,14 @@ def build_trainer(cfg: DictConfig, path: Path, job: Job, callbacks: Optional[lis
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None or k == "check_val_every_n_epoch"}
     trainer_kwargs.update(overrides)
     monitor, mode = getattr(job.module, "monitor", ("val/loss", "min"))
+    # test hooks (env CROWDSEG_KILL_AT_STEP / CROWDSEG_KILL_IN): kill-and-resume tests stop a child at a known point
+    kill_callbacks, kill_io = kill_hooks()
     return L.Trainer(
         default_root_dir=str(path),
         logger=build_loggers(cfg, path),
         callbacks=build_checkpoint_callbacks(path, cfg.checkpoint_every_n_steps, monitor, mode)
-        + [StoreConfig(cfg)] + list(callbacks or []) + _test_hooks(),
-        plugins=[AtomicCheckpointIO()],
+        + [StoreConfig(cfg), StepSeed(cfg.seed)] + list(callbacks or []) + kill_callbacks,
+        plugins=[kill_io or AtomicCheckpointIO()],
         # a module with manual optimisation (rps) clips its gradients by hand; Lightning refuses to
         gradient_clip_val=cfg.optim.grad_clip if job.module.automatic_optimization else None,
         **trainer_kwargs,
@@ -110,6 +94,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     prepare_run_dir(cfg)
     from crowdseg.runs import is_global_zero
     if is_global_zero():
+        remove_stale_temporaries(path)  # of a checkpoint write a kill interrupted
         written = write_split_files(path, split)
         if split.source.startswith(tuple("0123456789")) or split.val is not None:
             print(f"[crowdseg] labeled: {cfg.labels.labeled_images} images ({split.source}), unlabeled: "
