@@ -237,6 +237,8 @@ def _check_shared_values(cfg: DictConfig) -> None:
         raise ConfigError(f"key 'data.scale_range': expected [low, high] with 0 < low <= high, got {list(data.scale_range)}")
     if not 0 <= data.hflip <= 1:
         raise ConfigError(f"key 'data.hflip': must be a probability in [0, 1], got {data.hflip}")
+    if cfg.optim.ema_decay is not None and not 0 < cfg.optim.ema_decay < 1:
+        raise ConfigError(f"key 'optim.ema_decay': must be in (0, 1) or null, got {cfg.optim.ema_decay}")
     for key in ("lr", "backbone_lr"):
         if cfg.optim[key] < 0:
             raise ConfigError(f"key 'optim.{key}': must be >= 0, got {cfg.optim[key]}")

@@ -21,6 +21,7 @@ class PointModelConfig:
     anchor_rows: int = 2
     anchor_cols: int = 2
     regression_scale: float = 100.0   # gamma: point = anchor + gamma * regression
+    cls_prior: Optional[float] = None  # initial person probability of every anchor; null: PyTorch's init (P2PNet)
 
 
 @dataclass
@@ -31,6 +32,10 @@ class PointLossConfig:
     eos_coef: float = 0.5
     point_loss_coef: float = 2e-4
     score_threshold: float = 0.5
+    cls_loss: str = "ce"              # ce: P2PNet's weighted cross-entropy | focal: focal loss over positives
+    focal_gamma: float = 2.0
+    match_on: str = "predicted"       # matching distance from: predicted points (P2PNet) | anchors (fixed targets)
+    merge_radius: float = 0.0         # decoding: 0 = plain threshold (P2PNet); r > 0 merges predictions within r px
 
 
 @dataclass
@@ -67,9 +72,16 @@ def check_point_model(m: DictConfig, lo: DictConfig) -> None:
             raise ConfigError(f"key 'model.{key}': must be >= 1, got {m[key]}")
     if not 0 < lo.score_threshold < 1:
         raise ConfigError(f"key 'loss.score_threshold': must be in (0, 1), got {lo.score_threshold}")
-    for key in ("cost_class", "cost_point", "eos_coef", "point_loss_coef"):
+    for key in ("cost_class", "cost_point", "eos_coef", "point_loss_coef", "focal_gamma", "merge_radius"):
         if lo[key] < 0:
             raise ConfigError(f"key 'loss.{key}': must be >= 0, got {lo[key]}")
+    from crowdseg.losses.p2p import CLS_LOSSES, MATCH_ON
+
+    for key, choices in (("cls_loss", CLS_LOSSES), ("match_on", MATCH_ON)):
+        if lo[key] not in choices:
+            raise ConfigError(f"key 'loss.{key}': {lo[key]!r} is not one of {', '.join(choices)}")
+    if m.cls_prior is not None and not 0 < m.cls_prior < 1:
+        raise ConfigError(f"key 'model.cls_prior': must be in (0, 1) or null, got {m.cls_prior}")
 
 
 def check(cfg: DictConfig) -> None:
@@ -83,13 +95,13 @@ def build_point_predictor(m: DictConfig):
     from crowdseg.models.p2p import PointPredictor
 
     return PointPredictor(create_backbone(m.backbone, m.pretrained, reductions=(8, 16)), m.fpn_channels,
-                          m.head_channels, m.anchor_rows, m.anchor_cols, m.regression_scale)
+                          m.head_channels, m.anchor_rows, m.anchor_cols, m.regression_scale, m.cls_prior)
 
 
 def build_point_loss(lo: DictConfig):
     from crowdseg.losses.p2p import P2PLoss
 
-    return P2PLoss(lo.cost_class, lo.cost_point, lo.eos_coef, lo.point_loss_coef)
+    return P2PLoss(lo.cost_class, lo.cost_point, lo.eos_coef, lo.point_loss_coef, lo.cls_loss, lo.focal_gamma, lo.match_on)
 
 
 def build(cfg: DictConfig, run_dir: Path) -> Job:
@@ -100,7 +112,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Job:
     datamodule = build_datamodule(cfg)
     module = PointPredictorModule(build_point_predictor(cfg.model), build_point_loss(cfg.loss), optim_settings(cfg),
                                   cfg.loss.score_threshold, run_dir, cfg.logger.num_pictures,
-                                  point_mask_loss(cfg, datamodule), cfg.mask_loss.points)
+                                  point_mask_loss(cfg, datamodule), cfg.mask_loss.points, cfg.loss.merge_radius)
     return Job(module, datamodule)
 
 
