@@ -6,9 +6,10 @@ Batches are `{"labeled": batch, "unlabeled": batch}` from Lightning's `CombinedL
 unlabeled batch holds the weak view in `image`, the strong view in `image_strong` and the erased
 rectangles in `cutout` (datamodules/transforms.py, `TwoViewTransform`).
 
-Batch sizes are global and divided by the world size. Under DDP Lightning injects its
-DistributedSampler into the unlabeled loader (and the val/test loaders), and the labeled sampler
-shards by rank itself, so every rank sees a disjoint part of both sets.
+Batch sizes are global and divided by the world size. Both training loaders are resumable
+(datamodules/resumable.py: order, position and augmentations survive a kill) and shard by rank
+themselves (Lightning injects its DistributedSampler into the val / test loaders), so every rank
+sees a disjoint part of both sets.
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from crowdseg.errors import DataError
 from datamodules.crowd import CrowdDataModule
-from datamodules.distributed import CycleDistributedSampler, per_rank_batch_size, world_and_rank
+from datamodules.distributed import per_rank_batch_size, world_and_rank
+from datamodules.resumable import KeyedCycleSampler, resumable_loader
 from datamodules.transforms import collate_two_views
 from datamodules.types import collate_samples
 
@@ -56,12 +58,13 @@ class SemiSupervisedDataModule(CrowdDataModule):
         b_unl = per_rank_batch_size(self.unlabeled_batch_size, world, "data.unlabeled_batch_size")
         per_rank_unlabeled = math.ceil(len(self.unlabeled) / world)  # DistributedSampler pads to this
         num_batches = math.ceil(per_rank_unlabeled / b_unl)
-        sampler = CycleDistributedSampler(self.labeled, num_batches * b_lab, world, rank, shuffle=True, seed=self.seed)
-        workers = self.num_workers
-        labeled = DataLoader(self.labeled, batch_size=b_lab, sampler=sampler, num_workers=workers,
-                             collate_fn=collate_samples, persistent_workers=workers > 0)
-        unlabeled = DataLoader(self.unlabeled, batch_size=b_unl, shuffle=True, num_workers=workers,
-                               collate_fn=collate_two_views, persistent_workers=workers > 0)
+        sampler = KeyedCycleSampler(self.labeled, num_batches * b_lab, world, rank, shuffle=True, seed=self.seed)
+        workers, pin = self.num_workers, self._on_gpu()
+        labeled = resumable_loader(self.labeled, b_lab, sampler=sampler, num_workers=workers,
+                                   collate_fn=collate_samples, pin_memory=pin)
+        unlabeled = resumable_loader(self.unlabeled, b_unl, num_replicas=world, rank=rank, seed=self.seed,
+                                     num_workers=workers, collate_fn=collate_two_views, pin_memory=pin,
+                                     stream=1)
         return CombinedLoader({"labeled": labeled, "unlabeled": unlabeled}, mode="max_size_cycle")
 
 

@@ -21,7 +21,7 @@ the erased rectangle of the strong view. `EvalTransform` keeps the whole image a
 the right and bottom to a multiple of 32 (`meta["valid_size"]` is the unpadded (H, W)).
 
 Randomness: a sample loaded inside `datamodules.resumable.sample_key(epoch, index)` (what the
-training loaders do) draws from a generator seeded by (`seed`, epoch, index) alone, so its
+training loaders do) draws from a generator seeded by (`seed`, loader, epoch, index) alone, so its
 augmentation does not depend on workers, prefetching or where a killed run resumed. Outside such a
 context each process (DataLoader worker) seeds its generator the first time it runs from (`seed`,
 `torch.initial_seed()`, worker id): workers and epochs differ, and runs seeded with Lightning's
@@ -227,7 +227,7 @@ class _Seeded:
     def rng(self) -> np.random.Generator:
         key = current_sample_key()
         if key is not None:
-            if self._key is not key:  # a new sample: (seed, epoch, index) alone decide its draws
+            if self._key is not key:  # a new sample: (seed, stream, epoch, index) alone decide its draws
                 self._rng = np.random.default_rng([self.seed or 0, *key.entropy()])
                 self._key, self._pid = key, None
                 for compose in self._composes():
