@@ -74,6 +74,10 @@ def test_config_holds_only_its_methods_sections():
     ("data.label_fraction=150", "key 'data.label_fraction'"),
     ("data.batch_size=0", "key 'data.batch_size'"),
     ("mask_loss.points=everywhere", "key 'mask_loss.points'"),
+    ("loss.cls_loss=bce", "key 'loss.cls_loss'"),
+    ("loss.match_on=nearest", "key 'loss.match_on'"),
+    ("model.cls_prior=1.5", "key 'model.cls_prior'"),
+    ("optim.ema_decay=1.0", "key 'optim.ema_decay'"),
 ])
 def test_bad_keys_fail_at_load_time(override, words):
     with pytest.raises(ConfigError) as info:

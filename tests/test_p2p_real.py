@@ -1,5 +1,6 @@
 """The point predictor on real crowds: prior initialisation, focal classification, a real image."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,25 @@ def test_merge_points_matches_brute_force():
         merged = torch.zeros(len(centres)).index_add_(0, owner, scores).clamp(max=1.0)
         kept, got = merge_points(points, scores, radius)
         assert torch.equal(kept, points[centres][merged > 0.5]) and torch.allclose(got, merged[merged > 0.5])
+
+
+def test_config_keys_reach_the_point_predictor_and_ema(tiny_overrides):
+    """`model.cls_prior`, `loss.*` and `optim.ema_decay` of a config end up in the built run: the
+    checkpoint of an EMA run holds the averaged weights plus the live ones for resuming."""
+    from crowdseg.config import load_config
+    from crowdseg.methods.p2p import build_point_loss, build_point_predictor
+    from crowdseg.train import train
+
+    experiment = Path(__file__).resolve().parents[1] / "experiments" / "p2p" / "synthetic.yaml"
+    keys = ["model.cls_prior=0.02", "loss.cls_loss=focal", "loss.match_on=anchors", "loss.merge_radius=4"]
+    cfg = load_config(experiment, tiny_overrides + keys + ["optim.ema_decay=0.5", "trainer.limit_val_batches=1"])
+    model, criterion = build_point_predictor(cfg.model), build_point_loss(cfg.loss)
+    with torch.no_grad():
+        prob = model(torch.rand(1, 3, 32, 32))["logits"].softmax(-1)[..., 1]
+    assert torch.allclose(prob, torch.full_like(prob, 0.02), atol=0.01)
+    assert (criterion.cls_loss, criterion.match_on) == ("focal", "anchors")
+    result = train(cfg)
+    state = torch.load(result["checkpoint"], map_location="cpu", weights_only=False)
+    assert "current_model_state" in state and "averaging_state" in state
+    assert any(not torch.equal(v, state["current_model_state"][k]) for k, v in state["state_dict"].items()
+               if v.is_floating_point())

@@ -56,12 +56,22 @@ def build_trainer(cfg: DictConfig, path: Path, job: Job, callbacks: Optional[lis
         default_root_dir=str(path),
         logger=build_loggers(cfg, path),
         callbacks=build_checkpoint_callbacks(path, cfg.checkpoint_every_n_steps, monitor, mode)
-        + [StoreConfig(cfg), StepSeed(cfg.seed)] + list(callbacks or []) + kill_callbacks,
+        + [StoreConfig(cfg), StepSeed(cfg.seed)] + weight_averaging(cfg) + list(callbacks or []) + kill_callbacks,
         plugins=[kill_io or AtomicCheckpointIO()],
         # a module with manual optimisation (rps) clips its gradients by hand; Lightning refuses to
         gradient_clip_val=cfg.optim.grad_clip if job.module.automatic_optimization else None,
         **trainer_kwargs,
     )
+
+
+def weight_averaging(cfg: DictConfig) -> list[Callback]:
+    """`optim.ema_decay`: Lightning's EMAWeightAveraging (buffers averaged too). Validation, best.ckpt and
+    the final weights use the average; the raw weights stay in the checkpoint for resuming."""
+    if cfg.optim.ema_decay is None:
+        return []
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    return [EMAWeightAveraging(decay=cfg.optim.ema_decay, use_buffers=True)]
 
 
 def plan_run(cfg: DictConfig) -> tuple[DictConfig, Any]:
