@@ -134,3 +134,17 @@ def test_wandb_offline_run_is_continued_on_resume(tiny_overrides):
     assert (run / "wandb_id").read_text().strip() == run_id
     # every wandb run directory of this run directory carries the same id
     assert {p.name.rsplit("-", 1)[-1] for p in (run / "wandb").glob("offline-run-*")} == {run_id}
+
+
+def test_final_val_metrics_are_the_final_weights(tiny_overrides, capsys):
+    """Validation every 2 epochs of a 3-epoch run: the run validates its final weights once more, so the
+    printed / recorded val MAE is last.ckpt's (equal to `crowdseg validate --ckpt last.ckpt`)."""
+    import json
+
+    overrides = tiny_overrides + ["trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2"]
+    result = train(load_config(EXPERIMENT, overrides))
+    record = json.loads((Path(result["run_dir"]) / "metrics" / "val.json").read_text())
+    assert record["step"] == result["global_step"] == 6
+    assert main(["validate", "--ckpt", result["checkpoint"]]) == 0
+    again = json.loads((Path(result["run_dir"]) / "metrics" / "val.json").read_text())
+    assert again["metrics"]["val/mae"] == pytest.approx(result["val/mae"], abs=1e-5)

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from crowdseg.config import to_yaml
+from crowdseg.console import model_line, quiet_lightning
 from crowdseg.continuation import StepSeed, kill_hooks, remove_stale_temporaries
 from crowdseg.errors import ConfigError
 from crowdseg.methods import METHODS, Job, Method
@@ -52,11 +53,13 @@ def build_trainer(cfg: DictConfig, path: Path, job: Job, callbacks: Optional[lis
     monitor, mode = getattr(job.module, "monitor", ("val/loss", "min"))
     # test hooks (env CROWDSEG_KILL_AT_STEP / CROWDSEG_KILL_IN): kill-and-resume tests stop a child at a known point
     kill_callbacks, kill_io = kill_hooks()
+    quiet_lightning()
     return L.Trainer(
         default_root_dir=str(path),
+        enable_model_summary=False,  # its table's FLOPs column reads 0 without an example input
         logger=build_loggers(cfg, path),
         callbacks=build_checkpoint_callbacks(path, cfg.checkpoint_every_n_steps, monitor, mode)
-        + [StoreConfig(cfg), StepSeed(cfg.seed)] + weight_averaging(cfg) + list(callbacks or []) + kill_callbacks,
+        + [StoreConfig(cfg), StepSeed(cfg.seed), ValidationStep()] + weight_averaging(cfg) + list(callbacks or []) + kill_callbacks,
         plugins=[kill_io or AtomicCheckpointIO()],
         # a module with manual optimisation (rps) clips its gradients by hand; Lightning refuses to
         gradient_clip_val=cfg.optim.grad_clip if job.module.automatic_optimization else None,
@@ -110,7 +113,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             print(f"[crowdseg] labeled: {cfg.labels.labeled_images} images ({split.source}), unlabeled: "
                   f"{cfg.labels.unlabeled_images}, val: {cfg.labels.val_images}; lists in {written[0].parent}", flush=True)
     trainer = build_trainer(cfg, path, job)
+    if trainer.is_global_zero:
+        print(model_line(job.module), flush=True)
     trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    if _validated_before_the_end(trainer, job):  # the printed / recorded val metrics are the final weights'
+        trainer.validate(job.module, datamodule=job.datamodule, verbose=False)
     metrics = _floats(trainer.callback_metrics)
     if "val/mae" in metrics:
         metrics["val/mae_mean_baseline"] = mean_count_baseline(job.datamodule)
@@ -124,6 +131,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                    pictures=str(path / "pictures"), metrics_csv=str(path / "csv" / "metrics.csv"),
                    global_step=trainer.global_step)
     return metrics
+
+
+def _validated_before_the_end(trainer: L.Trainer, job: Job) -> bool:
+    """True when the run has a val split and its last validation ran on earlier weights than the final ones
+    (`check_val_every_n_epoch` / `val_check_interval` not dividing the budget)."""
+    if trainer.limit_val_batches == 0 or getattr(job.datamodule, "datasets", {}).get("val") is None or trainer.interrupted:
+        return False
+    tracker = next((c for c in trainer.callbacks if isinstance(c, ValidationStep)), None)
+    return tracker is not None and tracker.step != trainer.global_step
+
+
+class ValidationStep(Callback):
+    """Remembers the global step of the last (non-sanity) validation."""
+
+    step: Optional[int] = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
 
 
 def point_counts(dataset) -> list[int]:
