@@ -107,8 +107,15 @@ class KeyedStateMixin:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("yielded", -1) < 0:
             raise ValueError(f"not a sampler state: {state_dict}")
-        self.next_yielded = int(state_dict["yielded"])
-        self.epoch = int(state_dict.get("epoch", self.epoch))
+        yielded, epoch = int(state_dict["yielded"]), int(state_dict.get("epoch", self.epoch))
+        if yielded >= len(self):  # saved at the end of an epoch: what follows is the next epoch, from its start
+            yielded, epoch = 0, epoch + 1
+        self.next_yielded, self.epoch = yielded, epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # another epoch starts at its beginning, whatever position was restored
+            self.next_yielded = None
+        super().set_epoch(epoch)  # type: ignore[misc]
 
 
 class EpochKeyedSampler(KeyedStateMixin, DistributedSampler):

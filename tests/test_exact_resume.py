@@ -213,3 +213,30 @@ def test_global_random_state_is_a_function_of_the_position():
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
     seed_globals(0, 0, 1, 2, 4)
     assert not torch.equal(torch.rand(3), a[0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_state_saved_at_an_epoch_end_continues_with_the_next_epoch(workers):
+    """A checkpoint written at the end of epoch 1 (iterator exhausted) resumes into epoch 2 with epoch
+    2's full order, whether Lightning calls `set_epoch(2)` before or after loading the state."""
+    ds = SyntheticCrowd(12, "train", transform=TrainTransform(32, seed=5))
+
+    def loader():
+        return resumable_loader(ds, 3, seed=9, num_workers=workers, collate_fn=collate_samples)
+
+    reference = loader()
+    reference.sampler.set_epoch(2)
+    epoch2 = _images(reference)
+    finished = loader()
+    finished.sampler.set_epoch(1)
+    _images(finished)
+    state = finished.state_dict()
+    for set_epoch_first in (True, False):
+        resumed = loader()
+        if set_epoch_first:
+            resumed.sampler.set_epoch(2)
+        resumed.load_state_dict(state)
+        if not set_epoch_first:
+            resumed.sampler.set_epoch(2)
+        got = _images(resumed)
+        assert len(got) == len(epoch2) and all(torch.equal(a, b) for a, b in zip(got, epoch2)), set_epoch_first
