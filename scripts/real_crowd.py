@@ -60,20 +60,23 @@ def load_cached(dataset: str, root: str, max_size: int | None) -> tuple[list[str
 
 
 class EMA:
-    """Exponential moving average of a module's parameters and floating-point buffers."""
+    """Exponential moving average of a module's parameters and floating-point buffers; with `warmup` the
+    decay of the n-th update is min(decay, (1 + n) / (10 + n)) as in crowdseg.averaging (optim.ema_decay)."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay, self.model, self.updates = decay, copy.deepcopy(model).eval(), 0
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.model, self.updates, self.warmup = decay, copy.deepcopy(model).eval(), 0, warmup
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        n = self.updates
+        decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
         self.updates += 1
         for ema, cur in zip(list(self.model.parameters()) + list(self.model.buffers()),
                             list(model.parameters()) + list(model.buffers())):
             if ema.dtype.is_floating_point:
-                ema.lerp_(cur.detach(), 1.0 - self.decay)
+                ema.lerp_(cur.detach(), 1.0 - decay)
             else:
                 ema.copy_(cur)
 
@@ -204,6 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--val-every", type=int, default=250)
     ap.add_argument("--ema", type=float, default=None, help="EMA decay (e.g. 0.995); None: no EMA")
+    ap.add_argument("--ema-no-warmup", action="store_true", help="a fixed decay from the first step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--log-every", type=int, default=50)
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
                                   {"params": list(model.backbone.parameters()), "lr": args.backbone_lr or args.lr}],
                                  weight_decay=args.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    ema = EMA(model, args.ema) if args.ema else None
+    ema = EMA(model, args.ema, warmup=not args.ema_no_warmup) if args.ema else None
     transform = TrainTransform(crop_size=args.crop, scale_range=tuple(args.scale_range), seed=args.seed)
     rng = np.random.default_rng(args.seed)
     order: list[int] = []

@@ -68,13 +68,14 @@ def build_trainer(cfg: DictConfig, path: Path, job: Job, callbacks: Optional[lis
 
 
 def weight_averaging(cfg: DictConfig) -> list[Callback]:
-    """`optim.ema_decay`: Lightning's EMAWeightAveraging (buffers averaged too). Validation, best.ckpt and
-    the final weights use the average; the raw weights stay in the checkpoint for resuming."""
+    """`optim.ema_decay`: an EMA of the weights with a warm-up (crowdseg.averaging, on Lightning's
+    WeightAveraging). Validation, best.ckpt and the final weights use the average; the live weights
+    stay in the checkpoint for resuming."""
     if cfg.optim.ema_decay is None:
         return []
-    from lightning.pytorch.callbacks import EMAWeightAveraging
+    from crowdseg.averaging import WarmupEMA
 
-    return [EMAWeightAveraging(decay=cfg.optim.ema_decay, use_buffers=True)]
+    return [WarmupEMA(cfg.optim.ema_decay)]
 
 
 def plan_run(cfg: DictConfig) -> tuple[DictConfig, Any]:

@@ -69,7 +69,7 @@ class OptimConfig:
     grad_clip: Optional[float] = 0.1
     step_size: int = 3500             # StepLR step in epochs
     gamma: float = 0.1
-    ema_decay: Optional[float] = None  # e.g. 0.99: validate, select and checkpoint an EMA of the weights
+    ema_decay: Optional[float] = None  # e.g. 0.99: validate, select and checkpoint an EMA of the weights (warm-up)
 
 
 @dataclass
