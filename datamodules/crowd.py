@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from crowdseg.errors import ConfigError
 from datamodules.distributed import world_and_rank
-from datamodules.resumable import resumable_loader
+from datamodules.resumable import epoch_to_run, resumable_loader
 from datamodules.types import collate_samples
 
 
@@ -66,7 +66,7 @@ class CrowdDataModule(L.LightningDataModule):
         batch_size = per_device_batch_size(self.batch_size, world)
         return resumable_loader(dataset, batch_size, num_replicas=world, rank=rank, seed=self.seed,
                                 drop_last=len(dataset) >= batch_size, num_workers=self.num_workers,
-                                collate_fn=collate_samples, pin_memory=self._on_gpu())
+                                collate_fn=collate_samples, pin_memory=self._on_gpu(), epoch=epoch_to_run(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, shuffle=False)

@@ -141,18 +141,29 @@ def default_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
+def epoch_to_run(trainer: Any) -> int:
+    """The epoch the fit loop of `trainer` runs next (0 without a trainer): what Lightning will pass to
+    `set_epoch`. A loader with workers draws its first indices as soon as Lightning creates its
+    iterator, which on a resumed run happens before `set_epoch`, so the sampler must start there."""
+    try:
+        return int(trainer.fit_loop.epoch_progress.current.processed)
+    except (AttributeError, RuntimeError):
+        return 0
+
+
 def resumable_loader(dataset: Dataset, batch_size: int, *, num_replicas: int = 1, rank: int = 0,
                      seed: Optional[int] = None, shuffle: bool = True, drop_last: bool = False,
                      sampler: Optional[DistributedSampler] = None, num_workers: int = 0,
                      collate_fn: Optional[Callable] = None, pin_memory: bool = False,
-                     stream: int = 0) -> StatefulDataLoader:
+                     stream: int = 0, epoch: int = 0) -> StatefulDataLoader:
     """A training `StatefulDataLoader` over `dataset` whose order, position and augmentations survive
     a kill (see the module docstring). `sampler` replaces the default `EpochKeyedSampler` (a
     `KeyedStateMixin` sampler, e.g. `KeyedCycleSampler`); `stream` tells the augmentations of a
-    run's training loaders apart (`SampleKey`)."""
+    run's training loaders apart (`SampleKey`); `epoch` is the sampler's first epoch (`epoch_to_run`)."""
     if sampler is None:
         sampler = EpochKeyedSampler(dataset, num_replicas, rank, shuffle=shuffle,
                                     seed=default_seed() if seed is None else seed)
+    sampler.set_epoch(epoch)
     with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.13
         warnings.filterwarnings("ignore", message=".*set_vital.*")
         return StatefulDataLoader(KeyedSamples(dataset, stream), batch_size=batch_size, sampler=sampler,

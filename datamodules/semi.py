@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from crowdseg.errors import DataError
 from datamodules.crowd import CrowdDataModule
 from datamodules.distributed import per_rank_batch_size, world_and_rank
-from datamodules.resumable import KeyedCycleSampler, resumable_loader
+from datamodules.resumable import KeyedCycleSampler, epoch_to_run, resumable_loader
 from datamodules.transforms import collate_two_views
 from datamodules.types import collate_samples
 
@@ -61,10 +61,10 @@ class SemiSupervisedDataModule(CrowdDataModule):
         sampler = KeyedCycleSampler(self.labeled, num_batches * b_lab, world, rank, shuffle=True, seed=self.seed)
         workers, pin = self.num_workers, self._on_gpu()
         labeled = resumable_loader(self.labeled, b_lab, sampler=sampler, num_workers=workers,
-                                   collate_fn=collate_samples, pin_memory=pin)
+                                   collate_fn=collate_samples, pin_memory=pin, epoch=epoch_to_run(self.trainer))
         unlabeled = resumable_loader(self.unlabeled, b_unl, num_replicas=world, rank=rank, seed=self.seed,
                                      num_workers=workers, collate_fn=collate_two_views, pin_memory=pin,
-                                     stream=1)
+                                     stream=1, epoch=epoch_to_run(self.trainer))
         return CombinedLoader({"labeled": labeled, "unlabeled": unlabeled}, mode="max_size_cycle")
 
 

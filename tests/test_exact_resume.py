@@ -141,7 +141,10 @@ def test_keyed_samples_accepts_plain_indices():
 
 # 16 images / batch 4: 4 steps per epoch, 2 epochs; last.ckpt every 3 steps and at each epoch end;
 # validation every epoch. Reference and reruns are child processes alike (same threads, same sums).
-OVERRIDES = TINY + ["data.synthetic.num_train=16", "trainer.max_epochs=2", "checkpoint_every_n_steps=3"]
+# Two loader workers: with workers, Lightning creates a resumed run's iterator (which prefetches) before
+# it calls set_epoch, the case `epoch_to_run` exists for (the checkpoint_write kill resumes at an epoch end).
+OVERRIDES = TINY + ["data.synthetic.num_train=16", "trainer.max_epochs=2", "checkpoint_every_n_steps=3",
+                    "data.num_workers=2"]
 
 
 def _fit(runs_root: Path, **env: str) -> subprocess.CompletedProcess:
