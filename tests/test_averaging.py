@@ -1,4 +1,4 @@
-"""The warm-up EMA of the weights (crowdseg.averaging)."""
+"""The warm-up EMA of the weights (crowdseg.averaging) and the warm-up cosine learning-rate factor."""
 import pytest
 import torch
 
@@ -39,3 +39,11 @@ def test_averaged_model_with_the_warmup_tracks_early_weights():
 def test_bad_decay():
     with pytest.raises(ValueError, match="decay"):
         warmup_ema_avg_fn(1.0)
+
+
+def test_warmup_cosine_by_hand():
+    from crowdseg.lit.common import warmup_cosine
+
+    assert [warmup_cosine(s, 4, 14) for s in (0, 3)] == pytest.approx([0.2, 0.8])
+    assert [warmup_cosine(s, 4, 14) for s in (4, 9, 14, 20)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert warmup_cosine(0, 0, 10) == 1.0

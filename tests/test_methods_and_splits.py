@@ -78,6 +78,7 @@ def test_config_holds_only_its_methods_sections():
     ("loss.match_on=nearest", "key 'loss.match_on'"),
     ("model.cls_prior=1.5", "key 'model.cls_prior'"),
     ("optim.ema_decay=1.0", "key 'optim.ema_decay'"),
+    ("optim.schedule=linear", "key 'optim.schedule'"),
 ])
 def test_bad_keys_fail_at_load_time(override, words):
     with pytest.raises(ConfigError) as info:

@@ -237,6 +237,12 @@ def _check_shared_values(cfg: DictConfig) -> None:
         raise ConfigError(f"key 'data.scale_range': expected [low, high] with 0 < low <= high, got {list(data.scale_range)}")
     if not 0 <= data.hflip <= 1:
         raise ConfigError(f"key 'data.hflip': must be a probability in [0, 1], got {data.hflip}")
+    if cfg.optim.schedule not in ("step", "cosine"):
+        raise ConfigError(f"key 'optim.schedule': {cfg.optim.schedule!r} is not one of step, cosine")
+    if cfg.optim.schedule == "cosine" and cfg.method not in ("p2p", "density"):
+        raise ConfigError(f"key 'optim.schedule': cosine is implemented for p2p and density, not {cfg.method}")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"key 'optim.warmup_steps': must be >= 0, got {cfg.optim.warmup_steps}")
     if cfg.optim.ema_decay is not None and not 0 < cfg.optim.ema_decay < 1:
         raise ConfigError(f"key 'optim.ema_decay': must be in (0, 1) or null, got {cfg.optim.ema_decay}")
     for key in ("lr", "backbone_lr"):

@@ -69,6 +69,8 @@ class OptimConfig:
     grad_clip: Optional[float] = 0.1
     step_size: int = 3500             # StepLR step in epochs
     gamma: float = 0.1
+    schedule: str = "step"            # step: StepLR(step_size, gamma) per epoch (the papers') | cosine: per step
+    warmup_steps: int = 0             # cosine only: linear warm-up steps
     ema_decay: Optional[float] = None  # e.g. 0.99: validate, select and checkpoint an EMA of the weights (warm-up)
 
 

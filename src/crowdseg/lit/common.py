@@ -1,6 +1,8 @@
 """Pieces the counting LightningModules share: end-of-stage metrics, the optimizer, point cropping."""
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -67,10 +69,24 @@ def write_stage_metrics(module: L.LightningModule, stage: str, values: Mapping[s
                                             "metrics": dict(values)})
 
 
-def adam_with_backbone_lr(model: nn.Module, backbone: nn.Module, optim: Mapping[str, Any]) -> dict[str, Any]:
-    """Adam with `lr` for the heads and `backbone_lr` for `backbone`, StepLR per epoch.
+SCHEDULES = ("step", "cosine")
 
-    optim: {"lr", "backbone_lr", "weight_decay", "step_size", "gamma"}.
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor at optimizer step `step`: linear from 1/(warmup+1) to 1 over `warmup_steps`,
+    then a cosine from 1 to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adam_with_backbone_lr(model: nn.Module, backbone: nn.Module, optim: Mapping[str, Any],
+                          total_steps: Optional[int] = None) -> dict[str, Any]:
+    """Adam with `lr` for the heads and `backbone_lr` for `backbone`; schedule "step" (StepLR per epoch,
+    the papers') or "cosine" (`warmup_cosine` per optimizer step over `total_steps`).
+
+    optim: {"lr", "backbone_lr", "weight_decay", "step_size", "gamma"[, "schedule", "warmup_steps"]}.
     """
     backbone_params = list(backbone.parameters())
     backbone_ids = {id(p) for p in backbone_params}
@@ -78,6 +94,12 @@ def adam_with_backbone_lr(model: nn.Module, backbone: nn.Module, optim: Mapping[
     optimizer = torch.optim.Adam([{"params": rest, "lr": optim["lr"]},
                                   {"params": backbone_params, "lr": optim["backbone_lr"]}],
                                  weight_decay=optim["weight_decay"])
+    if optim.get("schedule", "step") == "cosine":
+        if not total_steps or total_steps < 1 or not math.isfinite(total_steps):
+            raise ValueError("optim.schedule=cosine needs a finite step budget (trainer.max_steps or max_epochs)")
+        warmup = int(optim.get("warmup_steps", 0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, int(total_steps)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, optim["step_size"], optim["gamma"])
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
