@@ -44,6 +44,16 @@ def test_an_explicit_run_name_with_other_settings_fails_listing_the_keys(tmp_pat
         run_dir(load_config(P2P, [f"runs_root={tmp_path}", "run_name=mine", "optim.lr=3e-4"]))
 
 
+def test_naming_an_unnamed_run_is_not_a_changed_setting(tmp_path):
+    """run_name chooses the directory: naming the default run with its own name resumes it, and
+    another setting under that name lists only that setting."""
+    base = stored_run(tmp_path)
+    assert run_dir(load_config(P2P, [f"runs_root={tmp_path}", f"run_name={base.name}"])) == base
+    with pytest.raises(ConfigError) as info:
+        run_dir(load_config(P2P, [f"runs_root={tmp_path}", f"run_name={base.name}", "optim.lr=3e-4"]))
+    assert "optim.lr" in str(info.value) and "run_name (" not in str(info.value)
+
+
 def test_config_differences_ignore_observers_only():
     stored = {"optim": {"lr": 1.0}, "trainer": {"max_epochs": 5, "log_every_n_steps": 10}, "labels": {"fraction": 10}}
     now = {"optim": {"lr": 1.0}, "trainer": {"max_epochs": 8, "log_every_n_steps": 1}, "labels": {"fraction": 11}}

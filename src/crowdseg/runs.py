@@ -54,7 +54,7 @@ def base_run_dir(cfg: DictConfig) -> Path:
 SAME_RUN_KEYS = ("trainer.max_epochs", "trainer.max_steps",                # upward only (see below)
                  "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.devices", "trainer.num_nodes",
                  "trainer.strategy", "trainer.accelerator", "data.num_workers", "data.cache_dir", "logger.",
-                 "resume", "ckpt_path", "labels.", "runs_root")
+                 "resume", "ckpt_path", "labels.", "runs_root", "run_name")
 EXTEND_ONLY = ("trainer.max_epochs", "trainer.max_steps")
 
 
