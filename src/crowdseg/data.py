@@ -48,7 +48,8 @@ class LabelSplit:
 
 def optim_settings(cfg: DictConfig) -> dict[str, float]:
     """The plain optimizer values a counting LightningModule takes (lit/common.adam_with_backbone_lr)."""
-    return {k: cfg.optim[k] for k in ("lr", "backbone_lr", "weight_decay", "step_size", "gamma", "schedule", "warmup_steps")}
+    keys = ("lr", "backbone_lr", "weight_decay", "step_size", "gamma", "schedule", "warmup_steps")
+    return {k: cfg.optim[k] for k in keys}
 
 
 def train_transform(cfg: DictConfig) -> TrainTransform:

@@ -59,7 +59,8 @@ def build_trainer(cfg: DictConfig, path: Path, job: Job, callbacks: Optional[lis
         enable_model_summary=False,  # its table's FLOPs column reads 0 without an example input
         logger=build_loggers(cfg, path),
         callbacks=build_checkpoint_callbacks(path, cfg.checkpoint_every_n_steps, monitor, mode)
-        + [StoreConfig(cfg), StepSeed(cfg.seed), ValidationStep()] + weight_averaging(cfg) + list(callbacks or []) + kill_callbacks,
+        + [StoreConfig(cfg), StepSeed(cfg.seed), ValidationStep()] + weight_averaging(cfg)
+        + list(callbacks or []) + kill_callbacks,
         plugins=[kill_io or AtomicCheckpointIO()],
         # a module with manual optimisation (rps) clips its gradients by hand; Lightning refuses to
         gradient_clip_val=cfg.optim.grad_clip if job.module.automatic_optimization else None,
@@ -137,7 +138,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _validated_before_the_end(trainer: L.Trainer, job: Job) -> bool:
     """True when the run has a val split and its last validation ran on earlier weights than the final ones
     (`check_val_every_n_epoch` / `val_check_interval` not dividing the budget)."""
-    if trainer.limit_val_batches == 0 or getattr(job.datamodule, "datasets", {}).get("val") is None or trainer.interrupted:
+    has_val = getattr(job.datamodule, "datasets", {}).get("val") is not None
+    if trainer.limit_val_batches == 0 or not has_val or trainer.interrupted:
         return False
     tracker = next((c for c in trainer.callbacks if isinstance(c, ValidationStep)), None)
     return tracker is not None and tracker.step != trainer.global_step
