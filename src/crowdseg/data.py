@@ -49,7 +49,7 @@ class LabelSplit:
 def optim_settings(cfg: DictConfig) -> dict[str, float]:
     """The plain optimizer values a counting LightningModule takes (lit/common.adam_with_backbone_lr)."""
     keys = ("lr", "backbone_lr", "weight_decay", "step_size", "gamma", "schedule", "warmup_steps")
-    return {k: cfg.optim[k] for k in keys}
+    return {**{k: cfg.optim[k] for k in keys}, "total_steps": cfg.trainer.max_steps}
 
 
 def train_transform(cfg: DictConfig) -> TrainTransform:

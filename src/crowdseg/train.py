@@ -49,6 +49,7 @@ def build_trainer(cfg: DictConfig, path: Path, job: Job, callbacks: Optional[lis
     # None means Lightning's own default, except for check_val_every_n_epoch, where it means "count
     # val_check_interval in steps across epochs"
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None or k == "check_val_every_n_epoch"}
+    trainer_kwargs.setdefault("enable_model_summary", False)  # its table's FLOPs column reads 0 without an example input
     trainer_kwargs.update(overrides)
     monitor, mode = getattr(job.module, "monitor", ("val/loss", "min"))
     # test hooks (env CROWDSEG_KILL_AT_STEP / CROWDSEG_KILL_IN): kill-and-resume tests stop a child at a known point
@@ -56,7 +57,6 @@ def build_trainer(cfg: DictConfig, path: Path, job: Job, callbacks: Optional[lis
     quiet_lightning()
     return L.Trainer(
         default_root_dir=str(path),
-        enable_model_summary=False,  # its table's FLOPs column reads 0 without an example input
         logger=build_loggers(cfg, path),
         callbacks=build_checkpoint_callbacks(path, cfg.checkpoint_every_n_steps, monitor, mode)
         + [StoreConfig(cfg), StepSeed(cfg.seed), ValidationStep()] + weight_averaging(cfg)

@@ -81,12 +81,14 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def adam_with_backbone_lr(model: nn.Module, backbone: nn.Module, optim: Mapping[str, Any],
-                          total_steps: Optional[int] = None) -> dict[str, Any]:
+def adam_with_backbone_lr(model: nn.Module, backbone: nn.Module, optim: Mapping[str, Any]) -> dict[str, Any]:
     """Adam with `lr` for the heads and `backbone_lr` for `backbone`; schedule "step" (StepLR per epoch,
     the papers') or "cosine" (`warmup_cosine` per optimizer step over `total_steps`).
 
-    optim: {"lr", "backbone_lr", "weight_decay", "step_size", "gamma"[, "schedule", "warmup_steps"]}.
+    optim: {"lr", "backbone_lr", "weight_decay", "step_size", "gamma"[, "schedule", "warmup_steps",
+    "total_steps"]}. The step budget comes from the config (trainer.max_steps), not from
+    `trainer.estimated_stepping_batches`: that sets the training loader up before a resumed run's
+    loader state is restored, which breaks exact continuation.
     """
     backbone_params = list(backbone.parameters())
     backbone_ids = {id(p) for p in backbone_params}
@@ -95,10 +97,10 @@ def adam_with_backbone_lr(model: nn.Module, backbone: nn.Module, optim: Mapping[
                                   {"params": backbone_params, "lr": optim["backbone_lr"]}],
                                  weight_decay=optim["weight_decay"])
     if optim.get("schedule", "step") == "cosine":
-        if not total_steps or total_steps < 1 or not math.isfinite(total_steps):
-            raise ValueError("optim.schedule=cosine needs a finite step budget (trainer.max_steps or max_epochs)")
-        warmup = int(optim.get("warmup_steps", 0))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, int(total_steps)))
+        total, warmup = int(optim.get("total_steps") or 0), int(optim.get("warmup_steps", 0))
+        if total < 1:
+            raise ValueError("optim.schedule=cosine needs total_steps >= 1 (trainer.max_steps)")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, optim["step_size"], optim["gamma"])
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

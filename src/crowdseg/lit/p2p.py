@@ -129,4 +129,4 @@ class PointPredictorModule(StageHooks, L.LightningModule):
         save_pictures(self.run_dir, stage, pictures, self.loggers, self.global_step)
 
     def configure_optimizers(self):
-        return adam_with_backbone_lr(self.model, self.model.backbone, self.optim, self.trainer.estimated_stepping_batches)
+        return adam_with_backbone_lr(self.model, self.model.backbone, self.optim)
