@@ -72,6 +72,12 @@ def test_keyed_augmentation_is_a_function_of_seed_epoch_index(cls):
         assert not torch.equal(other_seed(ds[2])["image"], first["image"])
 
 
+def _synthetic_loader(workers: int):
+    """A resumable loader over 12 synthetic images, batches of 3, seed 9."""
+    dataset = SyntheticCrowd(12, "train", transform=TrainTransform(32, seed=5))
+    return resumable_loader(dataset, 3, seed=9, num_workers=workers, collate_fn=collate_samples)
+
+
 def _images(batches) -> list[torch.Tensor]:
     return [b["image"] for b in batches]
 
@@ -81,10 +87,8 @@ def test_loader_resumes_mid_epoch_with_the_same_batches(workers):
     """The StatefulDataLoader's state after 2 batches of epoch 1, loaded into a new loader (a new
     process in real life), gives the remaining batches of that epoch, augmentations included; the
     batches do not depend on the number of workers."""
-    ds = SyntheticCrowd(12, "train", transform=TrainTransform(32, seed=5))
-
     def loader():
-        return resumable_loader(ds, 3, seed=9, num_workers=workers, collate_fn=collate_samples)
+        return _synthetic_loader(workers)
 
     reference = loader()
     reference.sampler.set_epoch(1)
@@ -101,7 +105,7 @@ def test_loader_resumes_mid_epoch_with_the_same_batches(workers):
     assert len(tail) == len(full) - 2
     for a, b in zip(_images(head) + tail, full):
         assert torch.equal(a, b)
-    single = resumable_loader(ds, 3, seed=9, num_workers=0, collate_fn=collate_samples)
+    single = _synthetic_loader(0)
     single.sampler.set_epoch(1)
     assert all(torch.equal(a, b) for a, b in zip(_images(single), full))
 
@@ -222,10 +226,8 @@ def test_global_random_state_is_a_function_of_the_position():
 def test_loader_state_saved_at_an_epoch_end_continues_with_the_next_epoch(workers):
     """A checkpoint written at the end of epoch 1 (iterator exhausted) resumes into epoch 2 with epoch
     2's full order, whether Lightning calls `set_epoch(2)` before or after loading the state."""
-    ds = SyntheticCrowd(12, "train", transform=TrainTransform(32, seed=5))
-
     def loader():
-        return resumable_loader(ds, 3, seed=9, num_workers=workers, collate_fn=collate_samples)
+        return _synthetic_loader(workers)
 
     reference = loader()
     reference.sampler.set_epoch(2)
