@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crowdseg.averaging import warmup_decay
 from crowdseg.losses.density import DensityLoss
 from crowdseg.losses.p2p import P2PLoss
 from crowdseg.metrics.torch_metrics import CountingMetrics, LocalizationMetrics
@@ -70,8 +71,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        n = self.updates
-        decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        decay = float(warmup_decay(self.decay, torch.tensor(self.updates))) if self.warmup else self.decay
         self.updates += 1
         for ema, cur in zip(list(self.model.parameters()) + list(self.model.buffers()),
                             list(model.parameters()) + list(model.buffers())):

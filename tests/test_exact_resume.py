@@ -78,6 +78,13 @@ def _synthetic_loader(workers: int):
     return resumable_loader(dataset, 3, seed=9, num_workers=workers, collate_fn=collate_samples)
 
 
+def _epoch_images(workers: int, epoch: int) -> list[torch.Tensor]:
+    """The batches' images of a whole `epoch` of a fresh `_synthetic_loader`."""
+    loader = _synthetic_loader(workers)
+    loader.sampler.set_epoch(epoch)
+    return _images(loader)
+
+
 def _images(batches) -> list[torch.Tensor]:
     return [b["image"] for b in batches]
 
@@ -87,27 +94,20 @@ def test_loader_resumes_mid_epoch_with_the_same_batches(workers):
     """The StatefulDataLoader's state after 2 batches of epoch 1, loaded into a new loader (a new
     process in real life), gives the remaining batches of that epoch, augmentations included; the
     batches do not depend on the number of workers."""
-    def loader():
-        return _synthetic_loader(workers)
-
-    reference = loader()
-    reference.sampler.set_epoch(1)
-    full = _images(reference)
-    interrupted = loader()
+    full = _epoch_images(workers, 1)
+    interrupted = _synthetic_loader(workers)
     interrupted.sampler.set_epoch(1)
     it = iter(interrupted)
     head = [next(it) for _ in range(2)]
     state = interrupted.state_dict()
     del it, interrupted
-    resumed = loader()
+    resumed = _synthetic_loader(workers)
     resumed.load_state_dict(state)
     tail = _images(resumed)
     assert len(tail) == len(full) - 2
     for a, b in zip(_images(head) + tail, full):
         assert torch.equal(a, b)
-    single = _synthetic_loader(0)
-    single.sampler.set_epoch(1)
-    assert all(torch.equal(a, b) for a, b in zip(_images(single), full))
+    assert all(torch.equal(a, b) for a, b in zip(_epoch_images(0, 1), full))
 
 
 def test_semi_supervised_loaders_resume_mid_epoch():
@@ -226,18 +226,13 @@ def test_global_random_state_is_a_function_of_the_position():
 def test_loader_state_saved_at_an_epoch_end_continues_with_the_next_epoch(workers):
     """A checkpoint written at the end of epoch 1 (iterator exhausted) resumes into epoch 2 with epoch
     2's full order, whether Lightning calls `set_epoch(2)` before or after loading the state."""
-    def loader():
-        return _synthetic_loader(workers)
-
-    reference = loader()
-    reference.sampler.set_epoch(2)
-    epoch2 = _images(reference)
-    finished = loader()
+    epoch2 = _epoch_images(workers, 2)
+    finished = _synthetic_loader(workers)
     finished.sampler.set_epoch(1)
     _images(finished)
     state = finished.state_dict()
     for set_epoch_first in (True, False):
-        resumed = loader()
+        resumed = _synthetic_loader(workers)
         if set_epoch_first:
             resumed.sampler.set_epoch(2)
         resumed.load_state_dict(state)

@@ -153,10 +153,6 @@ def _is_rank_zero() -> bool:
 EXPERIMENT_COMMANDS = ("fit", "validate", "test", "predict", "config", "show", "masks")
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -171,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"crowdseg: error: unknown command {command!r}\n\n{usage()}", end="", file=sys.stderr)
         return 2
     except CrowdsegError as err:
-        if _rank() == 0:  # every DDP rank runs the same checks: one copy of the line is enough
+        if _is_rank_zero():  # every DDP rank runs the same checks: one copy of the line is enough
             print(f"crowdseg: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
