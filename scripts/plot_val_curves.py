@@ -20,8 +20,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def val_rows(run: Path) -> list[dict[str, float]]:
     """The validation rows of a run's metrics CSV: {"step", "val/..."} as floats."""
+    path = run / "csv" / "metrics.csv"
+    if not path.is_file():
+        raise SystemExit(f"plot_val_curves: {path}: no metrics CSV (is {run} a run directory?)")
     rows = []
-    with open(run / "csv" / "metrics.csv") as f:
+    with open(path) as f:
         for row in csv.DictReader(f):
             if row.get("val/mae"):
                 rows.append({k: float(v) for k, v in row.items() if v and (k == "step" or k.startswith("val/"))})
