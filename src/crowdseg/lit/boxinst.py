@@ -100,7 +100,8 @@ class BoxInstModule(StageHooks, L.LightningModule):
 
     Logs ``train/loss``, ``train/{cls,box,ctrness,projection,pairwise,overlap,pairwise_factor,
     num_pos,proposals}`` and ``<stage>/{mask_ap,mask_ap50,mask_ap75,mask_aps,mask_apm,mask_apl,
-    box_ap,box_ap50,box_ap75,overlap,overlapping,detections}`` for val and test; writes
+    boxfill_mask_ap,boxfill_mask_ap50,...,box_ap,box_ap50,box_ap75,overlap,overlapping,detections}``
+    for val and test (``boxfill_*``: the box baseline, each detected box filled as its mask); writes
     ``<run_dir>/metrics/<stage>.json`` and overlays to ``<run_dir>/pictures/``.
     """
 
@@ -115,6 +116,7 @@ class BoxInstModule(StageHooks, L.LightningModule):
         self.solver = solver if solver is not None else SolverSettings()
         self.run_dir, self.num_pictures, self.seed = run_dir, num_pictures, seed
         self.mask_ap = nn.ModuleDict({s: MaskAP() for s in ("val", "test")})
+        self.boxfill_ap = nn.ModuleDict({s: BoxFillMaskAP() for s in ("val", "test")})
         self.box_ap = nn.ModuleDict({s: BoxAP() for s in ("val", "test")})
         self.overlap = nn.ModuleDict({s: MaskOverlap() for s in ("val", "test")})
 
@@ -244,6 +246,8 @@ class BoxInstModule(StageHooks, L.LightningModule):
         targets = self._targets(batch)
         self.mask_ap[stage].update([{"masks": p["masks"], "scores": p["scores"]} for p in predictions],
                                    [{"instance_map": t} for t in targets])
+        self.boxfill_ap[stage].update([{"masks": filled_boxes(p["boxes"], tuple(t.shape[-2:])), "scores": p["scores"]}
+                                       for p, t in zip(predictions, targets)], [{"instance_map": t} for t in targets])
         gt_boxes = batch.get(s.box_key) if batch.get(s.box_key) is not None else batch.get("boxes")
         if gt_boxes is not None:
             scale = [float(m.get("scale", 1.0)) for m in batch["meta"]]
@@ -253,8 +257,8 @@ class BoxInstModule(StageHooks, L.LightningModule):
         self._save_pictures(stage, batch, batch_idx, predictions)
 
     def _end_stage(self, stage: str) -> dict[str, float]:
-        return finish_stage(self, stage, [self.mask_ap[stage], self.box_ap[stage], self.overlap[stage]], self.run_dir,
-                            keep=lambda key: not key.startswith("mask_ar"))
+        metrics = [self.mask_ap[stage], self.boxfill_ap[stage], self.box_ap[stage], self.overlap[stage]]
+        return finish_stage(self, stage, metrics, self.run_dir, keep=lambda key: "mask_ar" not in key)
 
     def predict_step(self, batch, batch_idx):
         out = []
@@ -314,6 +318,14 @@ class lr_schedule:
             alpha = step / self.warmup_steps
             factor *= self.warmup_factor * (1 - alpha) + alpha
         return factor
+
+
+class BoxFillMaskAP(MaskAP):
+    """`MaskAP` of the box baseline (each detected box filled as its mask), keys prefixed `boxfill_`: logged
+    beside the predicted masks' AP, it shows whether the masks learned more than their boxes."""
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {f"boxfill_{key}": value for key, value in super().compute().items()}
 
 
 def filled_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
