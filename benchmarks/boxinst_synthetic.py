@@ -1,117 +1,108 @@
 """The BoxInst "must show" experiment on the occlusion-heavy synthetic crowd (docs/boxinst.md).
 
-Per seed: train experiments/boxinst/synthetic.yaml from boxes only, test it (its masks, and the
-box baseline: each detected box filled as its mask), then fine-tune it for the same steps with
-OverlapLoss (synthetic_overlap.yaml) and without it (synthetic_finetune.yaml), and test both.
-Each run's test metrics are appended to benchmarks/results/boxinst_synthetic.json as they finish;
-`--summary` prints mean +- std over the seeds found there.
+Per seed, with the framework's own commands (so a killed run resumes when the script is rerun):
+1. `crowdseg fit experiments/boxinst/synthetic.yaml` from boxes only, then `crowdseg test` of its
+   val-selected best.ckpt: the predicted masks' AP and, from the same detections, the box baseline
+   (each detected box filled as its mask, `test/boxfill_*`);
+2. two fine-tunes of the base run's final weights for the same steps: with OverlapLoss
+   (synthetic_overlap.yaml) and without it (synthetic_finetune.yaml), each tested at its best.ckpt.
+`--summary` prints mean +- std over the seeds found under `--out` as a Markdown table; the per-seed
+test metrics and the table are written to benchmarks/results/boxinst_synthetic.json.
 
-    OMP_NUM_THREADS=1 python benchmarks/boxinst_synthetic.py --seeds 0 1 2
+    OMP_NUM_THREADS=2 python benchmarks/boxinst_synthetic.py --seeds 0 1 2
     python benchmarks/boxinst_synthetic.py --summary
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments" / "boxinst"
 RESULTS = ROOT / "benchmarks" / "results" / "boxinst_synthetic.json"
-if "--results" in sys.argv:  # a quick check writes elsewhere
-    RESULTS = Path(sys.argv[sys.argv.index("--results") + 1])
-KEYS = ("mask_ap", "mask_ap50", "mask_ap75", "box_ap", "box_ap50", "overlap", "overlapping", "detections")
+KEYS = ("mask_ap", "mask_ap50", "mask_ap75", "overlap", "box_ap50", "detections")
+ROWS = (("BoxInst, boxes only", "synthetic", "mask_"),
+        ("box baseline: each detected box filled", "synthetic", "boxfill_mask_"),
+        ("fine-tune, no OverlapLoss", "synthetic_finetune", "mask_"),
+        ("fine-tune + OverlapLoss", "synthetic_overlap", "mask_"))
 
 
-def _trainer(cfg, run_dir: Path, max_steps: int):
-    import lightning as L
-    from lightning.pytorch.loggers import CSVLogger
-
-    return L.Trainer(max_steps=max_steps, max_epochs=-1, accelerator="cpu", devices=1, logger=CSVLogger(run_dir),
-                     enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
-                     enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=20,
-                     gradient_clip_val=cfg.optim.grad_clip)
+def run_dir(out: Path, experiment: str, seed: int) -> Path:
+    return out / "boxinst" / "synthetic" / f"{experiment}_seed{seed}"
 
 
-def _test(trainer, job, box_masks: bool = False) -> dict[str, float]:
-    job.module.settings.box_masks = box_masks
-    trainer.test(job.module, datamodule=job.datamodule, verbose=False)
-    job.module.settings.box_masks = False
-    return {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+def crowdseg(command: str, experiment: str, seed: int, out: Path, overrides: list[str]) -> None:
+    args = [sys.executable, "-m", "crowdseg", command, str(EXPERIMENTS / f"{experiment}.yaml"), f"seed={seed}",
+            f"runs_root={out}", f"run_name={experiment}_seed{seed}", *overrides]
+    print("+", " ".join(args[2:]), flush=True)
+    subprocess.run(args, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
 
 
-def run(experiment: str, seed: int, out: Path, overrides: list[str], load_config) -> tuple[dict, Path]:
-    import lightning as L
-    from crowdseg.methods.boxinst import build
-
-    cfg = load_config(EXPERIMENTS / f"{experiment}.yaml", [f"seed={seed}", *overrides])
-    run_dir = out / f"{experiment}_seed{seed}"
-    L.seed_everything(seed, workers=True, verbose=False)
-    job = build(cfg, run_dir)
-    trainer = _trainer(cfg, run_dir, cfg.trainer.max_steps)
-    start = time.time()
-    trainer.fit(job.module, datamodule=job.datamodule)
-    seconds = time.time() - start
-    ckpt = run_dir / "last.ckpt"
-    trainer.save_checkpoint(ckpt)
-    record = {"experiment": experiment, "seed": seed, "steps": trainer.global_step, "train_seconds": round(seconds, 1),
-              "test": _test(trainer, job)}
-    if experiment == "synthetic":
-        record["test_box_baseline"] = _test(trainer, job, box_masks=True)
-    _append(record)
-    return record, ckpt
+def train_and_test(experiment: str, seed: int, out: Path, overrides: list[str]) -> None:
+    crowdseg("fit", experiment, seed, out, overrides)
+    crowdseg("test", experiment, seed, out, overrides)
 
 
-def _append(record: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    records = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    records = [r for r in records if (r["experiment"], r["seed"]) != (record["experiment"], record["seed"])]
-    RESULTS.write_text(json.dumps(records + [record], indent=1))
-    print(json.dumps(record), flush=True)
+def test_metrics(out: Path, experiment: str, seed: int) -> dict[str, float] | None:
+    path = run_dir(out, experiment, seed) / "metrics" / "test.json"
+    if not path.is_file():
+        return None
+    return {k[len("test/"):]: v for k, v in json.loads(path.read_text())["metrics"].items()}
 
 
-def summary() -> None:
-    records = json.loads(RESULTS.read_text())
-    rows = [("BoxInst (boxes only)", "synthetic", "test"), ("box baseline (boxes filled)", "synthetic", "test_box_baseline"),
-            ("fine-tune, no OverlapLoss", "synthetic_finetune", "test"), ("fine-tune + OverlapLoss", "synthetic_overlap", "test")]
-    print(f"{'run':30s} {'seeds':>5s} " + " ".join(f"{k:>15s}" for k in KEYS))
-    for label, experiment, part in rows:
-        found = [r[part] for r in records if r["experiment"] == experiment and part in r]
+def summary(out: Path) -> str:
+    """Markdown table: mean +- std over the seeds whose test metrics exist, per row of ROWS."""
+    lines = ["| run | seeds | " + " | ".join(KEYS) + " |", "|---|---:|" + "---:|" * len(KEYS)]
+    for label, experiment, prefix in ROWS:
+        found = {}
+        for path in sorted(out.glob(f"boxinst/synthetic/{experiment}_seed*/metrics/test.json")):
+            seed = int(path.parent.parent.name.rsplit("seed", 1)[1])
+            found[seed] = test_metrics(out, experiment, seed)
         if not found:
             continue
         cells = []
-        for k in KEYS:
-            values = [f[k] for f in found if k in f]
-            mean = statistics.mean(values)
+        for key in KEYS:
+            name = prefix + key[len("mask_"):] if key.startswith("mask_") else key
+            values = [m[name] for m in found.values() if name in m]
+            if key in ("overlap", "box_ap50", "detections") and prefix == "boxfill_mask_":
+                cells.append("")  # the same detections as the row above; the filled boxes' overlap is not measured
+                continue
             std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{mean:7.3f}+-{std:5.3f}")
-        print(f"{label:30s} {len(found):5d} " + " ".join(f"{c:>15s}" for c in cells))
+            cells.append(f"{statistics.mean(values):.3f} +- {std:.3f}")
+        lines.append(f"| {label} | {','.join(map(str, sorted(found)))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "boxinst_synthetic")
-    parser.add_argument("--summary", action="store_true")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON the runs are appended to")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "boxinst_synthetic", help="runs_root of every run")
+    parser.add_argument("--summary", action="store_true", help="print the table of the runs under --out and stop")
     parser.add_argument("--only", choices=("base", "finetune"), default=None)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of every run (e.g. a quick check: "
                                                      "trainer.max_steps=2 data.synthetic.num_test=2)")
     args = parser.parse_args()
-    if args.summary:
-        summary()
-        return
-    from crowdseg.config.load import load_config
-    for seed in args.seeds:
-        ckpt = args.out / f"synthetic_seed{seed}" / "last.ckpt"
-        if args.only != "finetune":
-            _, ckpt = run("synthetic", seed, args.out, list(args.overrides), load_config)
-        if args.only != "base":
-            for experiment in ("synthetic_overlap", "synthetic_finetune"):
-                run(experiment, seed, args.out, [*args.overrides, f"boxinst.init_ckpt={ckpt}"], load_config)
+    out = args.out.resolve()
+    if not args.summary:
+        for seed in args.seeds:
+            if args.only != "finetune":
+                train_and_test("synthetic", seed, out, args.overrides)
+            if args.only != "base":
+                base = run_dir(out, "synthetic", seed) / "checkpoints" / "last.ckpt"
+                for experiment in ("synthetic_overlap", "synthetic_finetune"):
+                    train_and_test(experiment, seed, out, [*args.overrides, f"boxinst.init_ckpt={base}"])
+    table = summary(out)
+    per_seed = {f"{experiment}_seed{seed}": test_metrics(out, experiment, seed)
+                for experiment in dict.fromkeys(row[1] for row in ROWS) for seed in range(100)
+                if test_metrics(out, experiment, seed) is not None}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"table": table.splitlines(), "test_metrics": per_seed}, indent=1))
+    print(table)
 
 
 if __name__ == "__main__":
