@@ -28,7 +28,7 @@ from crowdseg.losses.fcos import DEFAULT_SIZES_OF_INTEREST, fcos_losses, fcos_ta
 from crowdseg.metrics.detection import BoxAP, MaskOverlap
 from crowdseg.metrics.torch_metrics import MaskAP
 from crowdseg.models.boxinst import BoxInst, pad_to, postprocess, predict_masks
-from crowdseg.vis import overlay_masks, picture_slots, save_pictures, to_uint8_image, with_caption
+from crowdseg.vis import enlarge, overlay_masks, picture_slots, save_pictures, to_uint8_image, with_caption
 
 
 @dataclass
@@ -281,7 +281,7 @@ class BoxInstModule(StageHooks, L.LightningModule):
                 import cv2
                 image = cv2.resize(image, (ids.shape[1], ids.shape[0]), interpolation=cv2.INTER_LINEAR)
             kept = int((p["scores"] >= self.settings.overlap_score_threshold).sum())
-            pictures.append((number, with_caption(overlay_masks(image, ids), f"{kept} masks (score >= "
+            pictures.append((number, with_caption(enlarge(overlay_masks(image, ids))[0], f"{kept} masks (score >= "
                                                   f"{self.settings.overlap_score_threshold:g})")))
         save_pictures(self.run_dir, stage, pictures, self.loggers, self.global_step)
 
