@@ -40,7 +40,10 @@ def crowdseg(command: str, experiment: str, seed: int, out: Path, overrides: lis
     args = [sys.executable, "-m", "crowdseg", command, str(EXPERIMENTS / f"{experiment}.yaml"), f"seed={seed}",
             f"runs_root={out}", f"run_name={experiment}_seed{seed}", *overrides]
     print("+", " ".join(args[2:]), flush=True)
-    subprocess.run(args, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
+    done = subprocess.run(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
+    if done.returncode != 0:  # the command has printed its own error
+        raise SystemExit(f"boxinst_synthetic: `crowdseg {command}` of {experiment} seed {seed} failed "
+                         f"(exit {done.returncode}); rerun to resume")
 
 
 def train_and_test(experiment: str, seed: int, out: Path, overrides: list[str]) -> None:
