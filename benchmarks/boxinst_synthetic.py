@@ -81,11 +81,44 @@ def summary(out: Path) -> str:
     return "\n".join(lines)
 
 
+def val_curves(out: Path, path: Path) -> None:
+    """Val mask AP50 / AP of the base runs against the step, their box baseline dashed: one line per seed."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for number, csv_path in enumerate(sorted(out.glob("boxinst/synthetic/synthetic_seed*/csv/metrics.csv"))):
+        seed = csv_path.parent.parent.name.rsplit("seed", 1)[1]
+        with open(csv_path) as f:
+            rows = [r for r in csv.DictReader(f) if r.get("val/mask_ap") and r.get("val/boxfill_mask_ap")]
+        steps = [int(r["step"]) + 1 for r in rows]
+        for ax, key in zip(axes, ("mask_ap50", "mask_ap")):
+            color = f"C{number}"
+            ax.plot(steps, [float(r[f"val/{key}"]) for r in rows], color=color, label=f"masks, seed {seed}")
+            ax.plot(steps, [float(r[f"val/boxfill_{key}"]) for r in rows], color=color, ls="--",
+                    label=f"filled boxes, seed {seed}")
+    for ax, title in zip(axes, ("val mask AP50", "val mask AP (0.5:0.95)")):
+        ax.set_xlabel("training step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("BoxInst from boxes on the occluded synthetic crowd: masks vs. the same detections' filled boxes")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "boxinst_synthetic", help="runs_root of every run")
     parser.add_argument("--summary", action="store_true", help="print the table of the runs under --out and stop")
+    parser.add_argument("--figure", type=Path, default=None, help="also plot the base runs' val curves to this PNG")
     parser.add_argument("--only", choices=("base", "finetune"), default=None)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of every run (e.g. a quick check: "
                                                      "trainer.max_steps=2 data.synthetic.num_test=2)")
@@ -106,6 +139,8 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"table": table.splitlines(), "test_metrics": per_seed}, indent=1))
     print(table)
+    if args.figure is not None:
+        val_curves(out, args.figure)
 
 
 if __name__ == "__main__":
