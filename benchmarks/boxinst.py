@@ -8,7 +8,8 @@ after a warm-up; the median of each is reported, and the overhead = median(with)
 The issue's target is < 10 %.
 
 Part 2 (dynamic head): `dynamic_mask_logits` (all N instances in one grouped 1x1 convolution per
-layer) and `dynamic_mask_logits_bmm` (one batched matrix product per layer) vs.
+layer; also 32 instances per call, as `predict_masks` runs it) and `dynamic_mask_logits_bmm` (one
+batched matrix product per layer) vs.
 `dynamic_mask_logits_loop` (one instance at a time), forward only, 16 mask channels on a
 `--feat` stride-8 map, N = 10 / 100 / 500; same outputs checked; median of `--repeats`.
 
@@ -113,8 +114,14 @@ def dynamic_head(repeats: int, feat: tuple[int, int], counts=(10, 100, 500)) -> 
             same = (torch.allclose(dynamic_mask_logits(*args), reference, atol=1e-4)
                     and torch.allclose(dynamic_mask_logits_bmm(*args), reference, atol=1e-4))
             timing = {}
-            for name, fn in (("grouped", dynamic_mask_logits), ("bmm", dynamic_mask_logits_bmm),
-                             ("loop", dynamic_mask_logits_loop)):
+            def grouped_in_chunks(*a, chunk: int = 32):  # as `predict_masks` runs it at inference
+                pieces = [dynamic_mask_logits(a[0], a[1], *(x[i:i + chunk] for x in a[2:]))
+                          for i in range(0, a[2].shape[0], chunk)]
+                return torch.cat(pieces)
+
+            same = same and torch.allclose(grouped_in_chunks(*args), reference, atol=1e-4)
+            for name, fn in (("grouped", dynamic_mask_logits), ("grouped_chunks32", grouped_in_chunks),
+                             ("bmm", dynamic_mask_logits_bmm), ("loop", dynamic_mask_logits_loop)):
                 fn(*args)
                 values = []
                 for _ in range(repeats):
@@ -123,7 +130,9 @@ def dynamic_head(repeats: int, feat: tuple[int, int], counts=(10, 100, 500)) -> 
                     values.append(time.perf_counter() - start)
                 timing[name] = statistics.median(values)
         rows.append({"instances": n, "feat": [h, w], "grouped_s": timing["grouped"], "bmm_s": timing["bmm"],
-                     "loop_s": timing["loop"], "speedup": timing["loop"] / timing["grouped"],
+                     "grouped_chunks32_s": timing["grouped_chunks32"], "loop_s": timing["loop"],
+                     "speedup": timing["loop"] / timing["grouped"],
+                     "chunks32_speedup": timing["loop"] / timing["grouped_chunks32"],
                      "bmm_speedup": timing["loop"] / timing["bmm"], "same_output": bool(same)})
     return rows
 
@@ -185,11 +194,12 @@ def main() -> None:
               f"{s['median_s']['without_overlap']:.3f} s, with {s['median_s']['with_overlap']:.3f} s, "
               f"overhead {100 * s['overhead']:+.1f} %; the loss alone {1000 * s['overlap_loss_alone_median_s']:.1f} ms")
     result["dynamic_head"] = dynamic_head(args.repeats, tuple(args.feat))
-    print(f"{'instances':>9s} {'grouped s':>10s} {'bmm s':>10s} {'loop s':>10s} {'loop/grouped':>12s} "
-          f"{'loop/bmm':>9s} same")
+    print(f"{'instances':>9s} {'grouped s':>10s} {'32 at once':>10s} {'bmm s':>10s} {'loop s':>10s} "
+          f"{'loop/grouped':>12s} {'loop/32':>8s} {'loop/bmm':>9s} same")
     for row in result["dynamic_head"]:
-        print(f"{row['instances']:9d} {row['grouped_s']:10.4f} {row['bmm_s']:10.4f} {row['loop_s']:10.4f} "
-              f"{row['speedup']:12.2f} {row['bmm_speedup']:9.2f} {row['same_output']}")
+        print(f"{row['instances']:9d} {row['grouped_s']:10.4f} {row['grouped_chunks32_s']:10.4f} {row['bmm_s']:10.4f} "
+              f"{row['loop_s']:10.4f} {row['speedup']:12.2f} {row['chunks32_speedup']:8.2f} {row['bmm_speedup']:9.2f} "
+              f"{row['same_output']}")
     if not args.skip_memory:
         result["memory"] = memory(args.backbone, args.chunk)
         print(f"inference 1333x800, {args.backbone}, 300 detections: peak RSS over the built model")
