@@ -33,7 +33,7 @@ ROWS = (("BoxInst, boxes only", "synthetic", "mask_"),
 
 
 def run_dir(out: Path, experiment: str, seed: int) -> Path:
-    return out / "boxinst" / "synthetic" / f"{experiment}_seed{seed}"
+    return out / "boxinst" / experiment / f"{experiment}_seed{seed}"
 
 
 def crowdseg(command: str, experiment: str, seed: int, out: Path, overrides: list[str]) -> None:
@@ -63,7 +63,7 @@ def summary(out: Path) -> str:
     lines = ["| run | seeds | " + " | ".join(KEYS) + " |", "|---|---:|" + "---:|" * len(KEYS)]
     for label, experiment, prefix in ROWS:
         found = {}
-        for path in sorted(out.glob(f"boxinst/synthetic/{experiment}_seed*/metrics/test.json")):
+        for path in sorted(out.glob(f"boxinst/{experiment}/{experiment}_seed*/metrics/test.json")):
             seed = int(path.parent.parent.name.rsplit("seed", 1)[1])
             found[seed] = test_metrics(out, experiment, seed)
         if not found:
