@@ -51,21 +51,20 @@ def train_and_test(experiment: str, seed: int, out: Path, overrides: list[str]) 
     crowdseg("test", experiment, seed, out, overrides)
 
 
-def test_metrics(out: Path, experiment: str, seed: int) -> dict[str, float] | None:
-    path = run_dir(out, experiment, seed) / "metrics" / "test.json"
-    if not path.is_file():
-        return None
-    return {k[len("test/"):]: v for k, v in json.loads(path.read_text())["metrics"].items()}
+def test_metrics(out: Path, experiment: str) -> dict[int, dict[str, float]]:
+    """{seed: {metric: value}} of the runs of `experiment` under `out` that have been tested."""
+    found = {}
+    for path in sorted(out.glob(f"boxinst/{experiment}/{experiment}_seed*/metrics/test.json")):
+        seed = int(path.parent.parent.name.rsplit("seed", 1)[1])
+        found[seed] = {k[len("test/"):]: v for k, v in json.loads(path.read_text())["metrics"].items()}
+    return found
 
 
 def summary(out: Path) -> str:
     """Markdown table: mean +- std over the seeds whose test metrics exist, per row of ROWS."""
     lines = ["| run | seeds | " + " | ".join(KEYS) + " |", "|---|---:|" + "---:|" * len(KEYS)]
     for label, experiment, prefix in ROWS:
-        found = {}
-        for path in sorted(out.glob(f"boxinst/{experiment}/{experiment}_seed*/metrics/test.json")):
-            seed = int(path.parent.parent.name.rsplit("seed", 1)[1])
-            found[seed] = test_metrics(out, experiment, seed)
+        found = test_metrics(out, experiment)
         if not found:
             continue
         cells = []
@@ -133,9 +132,8 @@ def main() -> None:
                 for experiment in ("synthetic_overlap", "synthetic_finetune"):
                     train_and_test(experiment, seed, out, [*args.overrides, f"boxinst.init_ckpt={base}"])
     table = summary(out)
-    per_seed = {f"{experiment}_seed{seed}": test_metrics(out, experiment, seed)
-                for experiment in dict.fromkeys(row[1] for row in ROWS) for seed in range(100)
-                if test_metrics(out, experiment, seed) is not None}
+    per_seed = {f"{experiment}_seed{seed}": metrics for experiment in dict.fromkeys(row[1] for row in ROWS)
+                for seed, metrics in test_metrics(out, experiment).items()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"table": table.splitlines(), "test_metrics": per_seed}, indent=1))
     print(table)
