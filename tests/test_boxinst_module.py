@@ -84,7 +84,7 @@ def test_fast_dev_run_on_the_synthetic_crowd(tmp_path):
     assert "full_boxes" in job.datamodule.datasets["train"][0]
 
 
-def test_box_baseline_ap_fills_the_boxes_of_the_same_detections(tmp_path):
+def test_box_baseline_ap_fills_the_boxes_of_the_same_detections():
     """Predictions = the GT masks themselves with their tight boxes: the masks' AP is 1, the filled
     boxes' AP (the baseline logged beside it) is below 1 because the people are not rectangles."""
     from crowdseg.methods.boxinst import build
