@@ -109,7 +109,9 @@ class PreprocessCache:
             bar = tqdm(total=len(jobs), desc=f"caching {self.params['dataset']} ({self.folder.name})",
                        disable=not progress, unit="img")
             if num_workers > 0:
-                with get_context("fork").Pool(num_workers, initializer=_worker_init) as pool:
+                # spawn, not fork: a forked child of a process whose OpenCV / torch thread pools have
+                # run can deadlock on a lock held at fork time (seen as a hung cache build in pytest)
+                with get_context("spawn").Pool(num_workers, initializer=_worker_init) as pool:
                     for result in pool.imap_unordered(_build_one, jobs, chunksize=1):
                         if result is not None:
                             problems.append(result)
