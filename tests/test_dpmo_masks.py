@@ -177,14 +177,18 @@ def test_killed_run_resumes_to_identical_outputs(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     out = killed_dir / "runs" / "dpmo" / "synthetic" / "masks" / "train"
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(list(out.glob("*.json"))) < 1:
+    # finished outputs only: pathlib's glob also matches the hidden temporaries of atomic writes
+    def finished(pattern="*.json"):
+        return sorted(p for p in out.glob(pattern) if not p.name.startswith("."))
+
+    while time.time() < deadline and proc.poll() is None and not finished():
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = sorted(out.glob("*.json"))
+    done = finished()
     assert 1 <= len(done) < images                                   # killed mid-run
-    for path in out.glob("*.png"):                                   # finished names hold whole files
+    for path in finished("*.png"):                                   # finished names hold whole files
         assert read_id_map(path).shape == (256, 256)
     for path in done:
         json.loads(path.read_text())
