@@ -32,7 +32,8 @@ ROWS = (("BoxInst, boxes only", "synthetic", "mask_"),
         ("fine-tune + OverlapLoss", "synthetic_overlap", "mask_"))
 
 
-def run_dir(out: Path, experiment: str, seed: int) -> Path:
+def run_dir(out: Path, experiment: str, seed: int | str) -> Path:
+    """Where `crowdseg fit` puts a run of this script (seed "*": the glob pattern of all seeds)."""
     return out / "boxinst" / experiment / f"{experiment}_seed{seed}"
 
 
@@ -54,7 +55,7 @@ def train_and_test(experiment: str, seed: int, out: Path, overrides: list[str]) 
 def test_metrics(out: Path, experiment: str) -> dict[int, dict[str, float]]:
     """{seed: {metric: value}} of the runs of `experiment` under `out` that have been tested."""
     found = {}
-    for path in sorted(out.glob(f"boxinst/{experiment}/{experiment}_seed*/metrics/test.json")):
+    for path in sorted(out.glob(str(run_dir(Path(), experiment, "*") / "metrics" / "test.json"))):
         seed = int(path.parent.parent.name.rsplit("seed", 1)[1])
         found[seed] = {k[len("test/"):]: v for k, v in json.loads(path.read_text())["metrics"].items()}
     return found
@@ -69,11 +70,11 @@ def summary(out: Path) -> str:
             continue
         cells = []
         for key in KEYS:
-            name = prefix + key[len("mask_"):] if key.startswith("mask_") else key
-            values = [m[name] for m in found.values() if name in m]
             if key in ("overlap", "box_ap50", "detections") and prefix == "boxfill_mask_":
                 cells.append("")  # the same detections as the row above; the filled boxes' overlap is not measured
                 continue
+            name = prefix + key[len("mask_"):] if key.startswith("mask_") else key
+            values = [m[name] for m in found.values() if name in m]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.3f} +- {std:.3f}")
         lines.append(f"| {label} | {','.join(map(str, sorted(found)))} | " + " | ".join(cells) + " |")
@@ -90,7 +91,8 @@ def val_curves(out: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for number, csv_path in enumerate(sorted(out.glob("boxinst/synthetic/synthetic_seed*/csv/metrics.csv"))):
+    base_runs = sorted(out.glob(str(run_dir(Path(), "synthetic", "*") / "csv" / "metrics.csv")))
+    for number, csv_path in enumerate(base_runs):
         seed = csv_path.parent.parent.name.rsplit("seed", 1)[1]
         with open(csv_path) as f:
             rows = [r for r in csv.DictReader(f) if r.get("val/mask_ap") and r.get("val/boxfill_mask_ap")]
