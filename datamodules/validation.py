@@ -24,6 +24,7 @@ from datamodules.readers.common import Problem, Record, image_size, truncated
 from datamodules.readers.idmaps import id_map_size
 
 POLICIES = ("fail", "skip", "drop")
+DUPLICATE_POLICIES = ("fail", "drop", "keep")  # data.on_duplicate_points
 MAX_REPORT_LINES = 30
 
 
@@ -101,8 +102,10 @@ def check_record(record: Record, outside_tolerance: float = 1.0, verify_image: b
     return problems
 
 
-def apply_policy(records: list[Record], problems: list[Problem], policy: str, dataset: str = "") -> list[Record]:
-    """Fail, skip or drop according to `policy`; returns the records to use."""
+def apply_policy(records: list[Record], problems: list[Problem], policy: str, dataset: str = "",
+                 setting: str = "on_bad_annotation") -> list[Record]:
+    """Fail, skip or drop according to `policy`; returns the records to use. `setting` names the
+    config key(s) the report's header gives `policy` for."""
     if policy not in POLICIES:
         raise ConfigError(f"key 'data.on_bad_annotation': expected one of {', '.join(POLICIES)}, got {policy!r}")
     if not problems:
@@ -129,16 +132,16 @@ def apply_policy(records: list[Record], problems: list[Problem], policy: str, da
         record.keep_points(np.setdiff1d(np.arange(len(record.points)), bad))
         dropped[name] = len(bad)
     kept = [r for r in records if r.name not in skipped]
-    _report(problems, len(records), len(kept), dropped, policy, dataset)
+    _report(problems, len(records), len(kept), dropped, policy, dataset, setting)
     return kept
 
 
 def _report(problems: list[Problem], n_before: int, n_after: int, dropped: dict[str, int], policy: str,
-            dataset: str) -> None:
+            dataset: str, setting: str = "on_bad_annotation") -> None:
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return
     label = f" of {dataset}" if dataset else ""
-    lines = [f"[crowdseg] {len(problems)} annotation problem(s){label} (on_bad_annotation={policy}): "
+    lines = [f"[crowdseg] {len(problems)} annotation problem(s){label} ({setting}={policy}): "
              f"kept {n_after} of {n_before} images"
              + (f", dropped {sum(dropped.values())} point(s) in {len(dropped)} image(s)" if dropped else "")]
     for p in problems[:MAX_REPORT_LINES]:
@@ -154,16 +157,23 @@ def validate(records: list[Record], problems: list[Problem], policy: str = "fail
     """Check every record, then apply `policy` to the reader's and the checks' problems.
 
     Exact duplicate points (the same head annotated twice, as in ShanghaiTech's official ground truth)
-    are dropped with a report when `on_duplicate_points` is "drop", and follow `policy` when "fail"."""
-    if on_duplicate_points not in ("drop", "fail"):
-        raise ConfigError(f"key 'data.on_duplicate_points': expected drop or fail, got {on_duplicate_points!r}")
+    are dropped with a report when `on_duplicate_points` is "drop", follow `policy` when "fail", and
+    are no problem at all when "keep" (the ground truth as published, for the test split)."""
+    if on_duplicate_points not in DUPLICATE_POLICIES:
+        raise ConfigError(f"key 'data.on_duplicate_points': expected one of {', '.join(DUPLICATE_POLICIES)}, "
+                          f"got {on_duplicate_points!r}")
     problems = list(problems)
     for record in records:
         problems += check_record(record, outside_tolerance, verify_images)
-    if on_duplicate_points == "drop" and policy != "drop":
-        duplicates = [p for p in problems if p.duplicate]
-        problems = [p for p in problems if not p.duplicate]
-        records = apply_policy(records, problems, policy, dataset)
-        kept = {r.name for r in records}
-        return apply_policy(records, [p for p in duplicates if p.record in kept], "drop", dataset)
-    return apply_policy(records, problems, policy, dataset)
+    duplicates = [p for p in problems if p.duplicate]
+    others = [p for p in problems if not p.duplicate]
+    if on_duplicate_points == "fail" or not duplicates:
+        return apply_policy(records, problems, policy, dataset)
+    if on_duplicate_points == "keep":
+        return apply_policy(records, others, policy, dataset)
+    if policy == "drop":  # one pass: dropping points renumbers the others, so all indices go together
+        setting = "on_bad_annotation=drop, on_duplicate_points" if others else "on_duplicate_points"
+        return apply_policy(records, problems, "drop", dataset, setting)
+    records = apply_policy(records, others, policy, dataset)
+    kept = {r.name for r in records}
+    return apply_policy(records, [p for p in duplicates if p.record in kept], "drop", dataset, "on_duplicate_points")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from crowdseg.errors import ConfigError, DataError
-from data_fixtures import make_cclabeler, make_jhu, make_nwpu, write_image
+from data_fixtures import SHARED_DATA, make_cclabeler, make_jhu, make_nwpu, write_image
 from datamodules.dataset import build_dataset
 from datamodules.readers.idmaps import write_id_map_png
 
@@ -52,6 +52,59 @@ def test_duplicate_point(folder):
         build_dataset("cclabeler", str(folder), "all", on_duplicate_points="fail")
     dropped = build_dataset("cclabeler", str(folder), "all")  # the default drops the repeat, with a report
     assert len(dropped.records[0].points) == 2
+
+
+def test_duplicate_report_names_its_setting_and_keep_leaves_every_point(folder, capsys):
+    _set_points(folder, "a", [(5.0, 5.0), (20.0, 30.0), (5.0, 5.0), (5.0, 5.0)])
+    for policy in ("fail", "skip", "drop"):  # duplicates alone: their own setting, whatever on_bad_annotation says
+        assert [len(r.points) for r in build_dataset("cclabeler", str(folder), "all", on_bad_annotation=policy).records] == [2, 1, 3]
+        out = capsys.readouterr().out
+        assert "1 annotation problem(s) of cclabeler (on_duplicate_points=drop): kept 3 of 3 images, dropped 2 point(s)" in out
+        assert "on_bad_annotation" not in out
+    kept = build_dataset("cclabeler", str(folder), "all", on_duplicate_points="keep")
+    assert [len(r.points) for r in kept.records] == [4, 1, 3] and capsys.readouterr().out == ""
+    # keep: the other problems still follow on_bad_annotation, the duplicates are none of them
+    _set_points(folder, "b", [(10.0, 10.0), (99.0, 3.0)])
+    kept = build_dataset("cclabeler", str(folder), "all", on_bad_annotation="drop", on_duplicate_points="keep")
+    assert [len(r.points) for r in kept.records] == [4, 1, 3]
+    out = capsys.readouterr().out
+    assert "1 annotation problem(s) of cclabeler (on_bad_annotation=drop)" in out and "duplicate point" not in out
+    with pytest.raises(ConfigError, match="key 'data.on_duplicate_points': expected one of fail, drop, keep"):
+        build_dataset("cclabeler", str(folder), "all", on_duplicate_points="ignore")
+
+
+def test_the_test_split_keeps_duplicates_that_training_and_val_drop(tmp_path, capsys):
+    from pathlib import Path
+
+    from crowdseg.config import load_config
+    from crowdseg.data import build_datamodule, build_test_dataset
+    from crowdseg.methods.boxinst import _test_dataset
+
+    root = tmp_path / "cc"
+    make_cclabeler(root / "train", {"t1": [(5.0, 5.0), (5.0, 5.0), (9.0, 9.0)], "t2": [(3.0, 3.0)]})
+    make_cclabeler(root / "test", {"u1": [(7.0, 7.0), (7.0, 7.0), (7.0, 7.0)], "u2": [(1.0, 2.0), (1.0, 2.0)]})
+    p2p = Path(__file__).resolve().parents[1] / "experiments" / "p2p" / "synthetic.yaml"
+    cfg = load_config(p2p, ["data.name=cclabeler", f"data.root={root}", "data.train_split=train",
+                            "data.val_split=test", "data.test_split=test", "data.num_workers=0"])
+    assert cfg.data.on_duplicate_points == "drop"
+    datamodule = build_datamodule(cfg)
+    assert [len(r.points) for r in datamodule.datasets["train"].records] == [2, 1]
+    assert [len(r.points) for r in datamodule.datasets["val"].records] == [1, 1]  # selection: the training policy
+    capsys.readouterr()
+    for test in (datamodule.dataset("test"), build_test_dataset(cfg), _test_dataset(cfg, None)):
+        assert test.names == ["u1.jpg", "u2.jpg"] and [len(r.points) for r in test.records] == [3, 2]
+    assert capsys.readouterr().out == ""  # the published ground truth: nothing dropped, nothing reported
+
+
+def test_shanghaitech_b_training_duplicates_kept_and_dropped():
+    """The official B training ground truth (headers read, nothing decoded): 49,151 heads as published,
+    38 of them exact duplicates in 14 files (README); its test half is not in the shared data."""
+    root = str(SHARED_DATA / "shanghaitech" / "part_B")
+    kept = build_dataset("shb", root, "train", on_duplicate_points="keep", progress=False)
+    dropped = build_dataset("shb", root, "train", progress=False)
+    counts = [(len(k.points), len(d.points)) for k, d in zip(kept.records, dropped.records)]
+    assert sum(k for k, _ in counts) == 49151 and sum(k - d for k, d in counts) == 38
+    assert sum(k != d for k, d in counts) == 14
 
 
 def test_declared_count_mismatch_names_the_key(folder):

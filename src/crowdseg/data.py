@@ -189,8 +189,16 @@ def build_eval_datasets(cfg: DictConfig, split: LabelSplit) -> dict[str, Any]:
 
 
 def build_test_dataset(cfg: DictConfig) -> Dataset:
+    """The test split with its ground truth as published: exact duplicate points are kept whatever
+    `data.on_duplicate_points` says (the official evaluation counts them; training drops them)."""
+    cfg = with_published_points(cfg)
     names = split_names(cfg, cfg.data.test_split, "test_list") if cfg.data.test_list else None
     return build_dataset(cfg, cfg.data.test_split, names=names)
+
+
+def with_published_points(cfg: DictConfig) -> DictConfig:
+    """A copy of `cfg` that keeps exact duplicate points (`data.on_duplicate_points=keep`), for the test split."""
+    return OmegaConf.merge(cfg, {"data": {"on_duplicate_points": "keep"}})
 
 
 def build_datamodule(cfg: DictConfig) -> CrowdDataModule:

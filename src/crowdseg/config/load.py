@@ -27,7 +27,7 @@ EXTENDS_KEY = "extends"
 CHOICES: dict[str, tuple[str, ...]] = {
     "logger.wandb.mode": ("online", "offline", "disabled"),
     "data.on_bad_annotation": ("fail", "skip", "drop"),
-    "data.on_duplicate_points": ("fail", "drop"),
+    "data.on_duplicate_points": ("fail", "drop", "keep"),
     "data.photometric": ("none", "weak", "strong"),
 }
 

@@ -50,7 +50,8 @@ class DataConfig:
     labeled_list: Optional[str] = None  # a published list of labeled images instead (XMask's protocols)
     split_seed: int = 0              # seed of the label-fraction split (independent of `seed`)
     on_bad_annotation: str = "fail"  # fail | skip (the image) | drop (only the bad points)
-    on_duplicate_points: str = "drop"  # drop (counted in the report) | fail: exact duplicate head points
+    on_duplicate_points: str = "drop"  # drop (counted in the report) | fail | keep: exact duplicate head
+                                       # points; the test split always keeps them (published ground truth)
     cache_dir: Optional[str] = None  # preprocessing cache (resized images + labels); None reads the files
     masks_dir: Optional[str] = None  # instance-id maps `<image stem>.png|.npy` (e.g. from `crowdseg masks`);
                                      # "{split}" in the path becomes the split name (masks/{split})

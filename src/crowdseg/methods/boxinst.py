@@ -210,9 +210,11 @@ def _dataset(cfg: DictConfig, split: str, transform, names=None):
 
 
 def _test_dataset(cfg: DictConfig, transform):
-    """The test split, built on first use (a module-level function: DDP spawn pickles it)."""
-    from crowdseg.data import split_names
+    """The test split, built on first use (a module-level function: DDP spawn pickles it), with its
+    ground truth as published (exact duplicate points kept, as in `crowdseg.data.build_test_dataset`)."""
+    from crowdseg.data import split_names, with_published_points
 
+    cfg = with_published_points(cfg)
     data = cfg.data
     return _dataset(cfg, data.test_split, transform, split_names(cfg, data.test_split, "test_list") if data.test_list else None)
 
