@@ -2,9 +2,9 @@
 
 Each run contributes one row of facts: its experiment, method, real label fraction, seed and the
 final metrics of `metrics/val.json` and `metrics/test.json` (or, with `--wandb`, a wandb run's
-config and summary). Runs are grouped by experiment and label fraction; the table gives mean +- std
-over seeds and the number of runs, and a PNG plots MAE and Mean IoU_C against the label fraction,
-one line per experiment.
+config and summary). Runs are grouped by experiment and label fraction; the table gives the number
+of labeled images, mean +- std over seeds and the number of runs, and a PNG plots MAE and Mean IoU_C
+(the ones some run has) against the label fraction, one line per experiment.
 
     crowdseg report runs/                       # every run below runs/
     crowdseg report runs/a runs/b --out cmp.png
@@ -35,6 +35,15 @@ class RunFacts:
     seed: int
     metrics: dict[str, float] = field(default_factory=dict)
     where: str = ""
+    labeled_images: Optional[int] = None
+
+
+def labeled_images(*labels: Any) -> Optional[int]:
+    """The first `labeled_images` among `labels` sections (a run's config or metrics record), if any."""
+    for section in labels:
+        if isinstance(section, dict) and section.get("labeled_images") is not None:
+            return int(section["labeled_images"])
+    return None
 
 
 def run_facts(run_dir: Path) -> RunFacts:
@@ -48,14 +57,16 @@ def run_facts(run_dir: Path) -> RunFacts:
     if fraction is None:
         fraction = (cfg.get("data") or {}).get("label_fraction", 100.0)
     metrics: dict[str, float] = {}
+    recorded = [labels]
     for split in ("val", "test"):
         path = run_dir / "metrics" / f"{split}.json"
         if path.is_file():
             record = json.loads(path.read_text())
             values = record.get("metrics", record)  # older runs wrote the metrics flat
             metrics.update({k: float(v) for k, v in values.items() if isinstance(v, (int, float))})
+            recorded.append(record.get("labels"))
     return RunFacts(cfg.get("name", run_dir.parent.name), cfg.get("method", "?"), float(fraction),
-                    int(cfg.get("seed", 0)), _aliases(metrics), str(run_dir))
+                    int(cfg.get("seed", 0)), _aliases(metrics), str(run_dir), labeled_images(*recorded))
 
 
 def _aliases(metrics: dict[str, float]) -> dict[str, float]:
@@ -95,7 +106,7 @@ def wandb_facts(project: str) -> list[RunFacts]:
         metrics = {k: float(v) for k, v in dict(run.summary).items()
                    if isinstance(v, (int, float)) and k.startswith(("val/", "test/"))}
         facts.append(RunFacts(cfg.get("name", run.group or "?"), cfg.get("method", "?"), float(fraction),
-                              int(cfg.get("seed", 0)), _aliases(metrics), run.url))
+                              int(cfg.get("seed", 0)), _aliases(metrics), run.url, labeled_images(labels)))
     return facts
 
 
@@ -107,14 +118,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(facts: list[RunFacts]) -> list[dict[str, Any]]:
-    """One row per (experiment, label fraction): n runs, seeds, and mean / std of every metric."""
+    """One row per (experiment, label fraction): n runs, seeds, the labeled-image counts the runs
+    recorded (sorted, distinct) and mean / std of every metric."""
     groups: dict[tuple[str, float], list[RunFacts]] = {}
     for f in facts:
         groups.setdefault((f.experiment, round(f.fraction, 3)), []).append(f)
     rows = []
     for (experiment, fraction), runs in sorted(groups.items()):
         row: dict[str, Any] = {"experiment": experiment, "method": runs[0].method, "fraction": fraction,
-                               "n": len(runs), "seeds": sorted(r.seed for r in runs)}
+                               "n": len(runs), "seeds": sorted(r.seed for r in runs),
+                               "labeled_images": sorted({r.labeled_images for r in runs} - {None})}
         for key in sorted({k for r in runs for k in r.metrics}):
             values = [r.metrics[key] for r in runs if key in r.metrics]
             row[key] = mean_std(values)
@@ -124,10 +137,11 @@ def summarise(facts: list[RunFacts]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     columns = [c for c in COLUMNS if any(c in r for r in rows)]
-    header = ["experiment", "method", "label %", "n", *columns]
+    header = ["experiment", "method", "label %", "labeled", "n", *columns]
     lines = [header]
     for r in rows:
-        cells = [r["experiment"], r["method"], f"{r['fraction']:g}", str(r["n"])]
+        labeled = "/".join(map(str, r.get("labeled_images", []))) or "-"
+        cells = [r["experiment"], r["method"], f"{r['fraction']:g}", labeled, str(r["n"])]
         for c in columns:
             if c in r:
                 mean, std = r[c]
@@ -141,17 +155,25 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict[str, Any]], out: Path) -> Path:
-    """MAE and Mean IoU_C (val, and test where present) against label fraction, one line per experiment."""
+def plotted_metrics(rows: list[dict[str, Any]]) -> list[str]:
+    """The metrics of `PLOTTED` that some row has (val or test); MAE alone when none has any."""
+    present = [m for m in PLOTTED if any(f"{split}/{m}" in r for r in rows for split in ("val", "test"))]
+    return present or list(PLOTTED[:1])
+
+
+def figure(rows: list[dict[str, Any]]):
+    """The matplotlib figure of `plot`: one panel per plotted metric, label fraction on a log axis
+    with plain-number ticks at the fractions the runs have."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
-    from crowdseg.io import atomic_path
-
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5.5 * len(PLOTTED), 4))
-    for ax, metric in zip(axes, PLOTTED):
+    metrics = plotted_metrics(rows)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    fractions = sorted({r["fraction"] for r in rows})
+    for ax, metric in zip(axes[0], metrics):
         for experiment in sorted({r["experiment"] for r in rows}):
             mine = sorted((r for r in rows if r["experiment"] == experiment), key=lambda r: r["fraction"])
             for split, style in (("val", "-o"), ("test", "--s")):
@@ -161,12 +183,26 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
                     x, mean, std = zip(*points)
                     ax.errorbar(x, mean, yerr=std, fmt=style, capsize=3, label=f"{experiment} ({split})")
         ax.set_xscale("log")
+        ax.set_xticks(fractions)
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))  # "20", not "2x10^1"
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("labeled images (%)")
         ax.set_ylabel({"mae": "MAE (lower is better)", "iou_c": "Mean IoU_C (higher is better)"}[metric])
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> Path:
+    """Write `figure(rows)` (MAE and Mean IoU_C, val and test where present, against label fraction,
+    one line per experiment) as a PNG."""
+    import matplotlib.pyplot as plt
+
+    from crowdseg.io import atomic_path
+
+    fig = figure(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120)
@@ -197,4 +233,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["run_facts", "find_runs", "summarise", "format_table", "plot", "mean_std", "main"]
+__all__ = ["run_facts", "find_runs", "summarise", "format_table", "plotted_metrics", "figure", "plot", "mean_std",
+           "main"]
