@@ -98,3 +98,41 @@ def test_masks_dir_is_per_split():
     from crowdseg.data import masks_dir_of
     cfg = load_config(ROOT / "experiments/p2p/synthetic.yaml", ["data.masks_dir=/m/sha/{split}"])
     assert masks_dir_of(cfg, "train") == "/m/sha/train" and masks_dir_of(cfg, "test") == "/m/sha/test"
+
+
+# Keys added since tests/data/resolved_experiments.json was written; they must not change an old value.
+ADDED_KEYS = {"optim.backbone_lr_scale"}
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
+def test_every_experiment_resolves_as_recorded(path):
+    """Refactors keep behaviour: each experiment resolves to the settings recorded in
+    tests/data/resolved_experiments.json (a deliberate change of an experiment updates its entry)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    recorded = json.loads((ROOT / "tests" / "data" / "resolved_experiments.json").read_text())
+    key = str(path.relative_to(ROOT))
+    assert key in recorded, f"{key} has no recorded settings: add its entry"
+    now = {k: v for k, v in _flat(OmegaConf.to_container(load_config(path), resolve=True)).items() if k not in ADDED_KEYS}
+    changed = {k: (recorded[key].get(k), now.get(k)) for k in set(now) | set(recorded[key]) if recorded[key].get(k) != now.get(k)}
+    assert not changed, f"{key}: recorded -> now {changed}"
+
+
+def test_backbone_rate_follows_lr_unless_set(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("method: p2p\noptim:\n  lr: 1.0e-3\n")
+    assert load_config(path).optim.backbone_lr == pytest.approx(1e-4)          # default scale 0.1
+    assert load_config(path, ["optim.lr=3e-4"]).optim.backbone_lr == pytest.approx(3e-5)
+    assert load_config(path, ["optim.backbone_lr_scale=1"]).optim.backbone_lr == 1e-3
+    assert load_config(path, ["optim.backbone_lr=5e-4", "optim.lr=3e-4"]).optim.backbone_lr == 5e-4  # set: kept
+    # the demo: changing "the learning rate" moves the backbone's too
+    assert load_config(ROOT / "experiments/p2p/synthetic.yaml", ["optim.lr=3e-4"]).optim.backbone_lr == 3e-4
+    assert load_config(path).optim.backbone_lr == 1e-4  # no float noise (1e-3 x 0.1 = 0.00010000000000000002)

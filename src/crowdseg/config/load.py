@@ -49,6 +49,7 @@ def compose(layers: Sequence[tuple[str, dict[str, Any]]]) -> DictConfig:
     cfg = OmegaConf.structured(experiment_schema(method))
     for source, layer in layers:
         cfg = _merge(cfg, layer, source, method)
+    _derive(cfg)
     _check_choices(cfg)
     _check_shared_values(cfg)
     METHODS[method].check(cfg)
@@ -206,6 +207,12 @@ def _dataclass_type(f: Any) -> type | None:
     return None
 
 
+def _derive(cfg: DictConfig) -> None:
+    """Values that follow others unless set: `optim.backbone_lr` = `optim.lr` x `optim.backbone_lr_scale`."""
+    if cfg.optim.backbone_lr is None:
+        cfg.optim.backbone_lr = float(f"{cfg.optim.lr * cfg.optim.backbone_lr_scale:.12g}")  # no 1e-4 x 0.1 = 1.0000000000000001e-05
+
+
 def _check_choices(cfg: DictConfig) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
@@ -247,7 +254,7 @@ def _check_shared_values(cfg: DictConfig) -> None:
         raise ConfigError(f"key 'optim.warmup_steps': must be >= 0, got {cfg.optim.warmup_steps}")
     if cfg.optim.ema_decay is not None and not 0 < cfg.optim.ema_decay < 1:
         raise ConfigError(f"key 'optim.ema_decay': must be in (0, 1) or null, got {cfg.optim.ema_decay}")
-    for key in ("lr", "backbone_lr"):
+    for key in ("lr", "backbone_lr", "backbone_lr_scale"):
         if cfg.optim[key] < 0:
             raise ConfigError(f"key 'optim.{key}': must be >= 0, got {cfg.optim[key]}")
     if cfg.optim.step_size < 1:

@@ -65,7 +65,8 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
-    backbone_lr: float = 1e-5
+    backbone_lr: Optional[float] = None  # None: lr x backbone_lr_scale, so changing `lr` moves both
+    backbone_lr_scale: float = 0.1       # the backbone's rate relative to `lr` when backbone_lr is not set
     weight_decay: float = 1e-4
     grad_clip: Optional[float] = 0.1
     step_size: int = 3500             # StepLR step in epochs
