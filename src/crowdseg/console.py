@@ -3,6 +3,7 @@ repeats every run are kept off the console; crowdseg prints one line per model i
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 from torch import nn
@@ -12,6 +13,9 @@ QUIET_WARNINGS = (
     (Warning, r".*isinstance\(treespec, LeafSpec\)"),  # Lightning vs. torch 2.13 pytree deprecation
     (UserWarning, r"Found \d+ module\(s\) in eval mode"),  # frozen SAM / teacher modules are meant to be
     (UserWarning, r"The number of training batches .* is smaller than the logging interval"),
+    (UserWarning, r"Checkpoint directory .* exists and is not empty"),  # every resumed run's, by design
+    # epoch-level values crowdseg logs are torchmetrics results, already reduced over the DDP ranks
+    (Warning, r"It is recommended to use `self.log\(.*sync_dist=True\)`"),
 )
 
 
@@ -36,3 +40,9 @@ def model_line(module: nn.Module) -> str:
     total = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     return f"[crowdseg] model: {type(net).__name__}, {total / 1e6:.1f} M parameters ({trainable / 1e6:.1f} M trainable)"
+
+
+def progress_bar(enabled: bool) -> bool:
+    """Progress bars only on a terminal: written to a log file, tqdm's redraws are noise (a run
+    without bars prints one line per validation instead, crowdseg.train.ValidationStep)."""
+    return bool(enabled) and sys.stderr.isatty()

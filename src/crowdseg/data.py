@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,6 +44,25 @@ class LabelSplit:
 
     def labeled_text(self) -> str:
         return "".join(f"{n}\n" for n in self.labeled)
+
+    def used_by(self, datamodule: Any) -> "LabelSplit":
+        """This split narrowed to the images the built datasets really hold: an image left out when its
+        dataset was built (`data.on_bad_annotation=skip`, e.g. a truncated file) is in no count or list.
+        The unlabeled pool is narrowed only where a dataset of it was built (semi-supervised methods)."""
+        def kept(names: Optional[tuple[str, ...]], dataset: Any) -> Optional[tuple[str, ...]]:
+            held = getattr(dataset, "names", None)
+            if names is None or held is None:
+                return names
+            held = set(held)
+            return tuple(n for n in names if n in held)
+
+        datasets = getattr(datamodule, "datasets", {})
+        used = replace(self, labeled=kept(self.labeled, datasets.get("train")),
+                       unlabeled=kept(self.unlabeled, getattr(datamodule, "unlabeled", None)),
+                       val=kept(self.val, datasets.get("val")))
+        if used.labeled != self.labeled and not self.source.startswith("list "):  # a list file keeps its own hash
+            used = replace(used, labeled_sha256=hashlib.sha256(used.labeled_text().encode()).hexdigest())
+        return used
 
 
 def optim_settings(cfg: DictConfig) -> dict[str, float]:
@@ -119,6 +138,8 @@ def split_names(cfg: DictConfig, split: str, list_key: Optional[str] = None) -> 
 def plan_split(cfg: DictConfig) -> LabelSplit:
     """Decide, on names only, which training images are val, labeled and unlabeled."""
     data = cfg.data
+    if data.name != "synthetic" and data.root is not None and not Path(data.root).exists():
+        raise DataError(f"key 'data.root': {data.root}: dataset root of {data.name!r} not found")
     everything = split_names(cfg, data.train_split)
     names = split_names(cfg, data.train_split, "train_list") if data.train_list else everything
     protected: set[str] = set()

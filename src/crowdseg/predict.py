@@ -101,10 +101,12 @@ class PredictionWriter(BasePredictionWriter):
 
 
 def folder_dataset(cfg, images: str | Path):
-    """The images of a folder, whole, resized as the run's data config says (`data.max_size`)."""
+    """The images of a folder, whole, resized as the run's data config says (`data.max_size`); an
+    unreadable image fails or is left out as `data.on_bad_annotation` says."""
     from datamodules.dataset import build_dataset
 
-    return build_dataset("folder", str(images), "all", max_size=cfg.data.max_size, progress=False)
+    return build_dataset("folder", str(images), "all", max_size=cfg.data.max_size, progress=False,
+                         on_bad_annotation=cfg.data.on_bad_annotation)
 
 
 __all__ = ["PredictionWriter", "prediction_record", "prediction_overlay", "density_cells", "folder_dataset"]

@@ -91,6 +91,11 @@ def run_dir(cfg: DictConfig) -> Path:
     """The run directory of `cfg`: `<runs_root>/<experiment>/<run name>`, or, when a run already lives
     there with other settings, `<run name>-<hash of the differing settings>` (so sweeps never resume
     each other's runs). With an explicit `run_name` a mismatch is an error listing the keys."""
+    return locate_run(cfg)[0]
+
+
+def locate_run(cfg: DictConfig) -> tuple[Path, str]:
+    """(`run_dir(cfg)`, why it is that directory, in words for the console)."""
     import hashlib
     import json
 
@@ -99,18 +104,18 @@ def run_dir(cfg: DictConfig) -> Path:
     base = base_run_dir(cfg)
     stored = _stored_config(base)
     if stored is None:
-        return base
+        return base, "new run"
     current = OmegaConf.to_container(cfg, resolve=True)
     diff = config_differences(stored, current)
     if not diff:
-        return base
+        return base, "the run of these settings"
+    listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in list(diff.items())[:6])
+    listed += f" and {len(diff) - 6} more" if len(diff) > 6 else ""
     if cfg.run_name:
-        listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in list(diff.items())[:6])
-        more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
-        raise ConfigError(f"key 'run_name': {base} holds a run with other settings: {listed}{more}; "
+        raise ConfigError(f"key 'run_name': {base} holds a run with other settings: {listed}; "
                           f"choose another run_name, or leave it unset to start a new run automatically")
     digest = hashlib.sha256(json.dumps({k: b for k, (_, b) in diff.items()}, sort_keys=True, default=str).encode())
-    return base.with_name(f"{base.name}-{digest.hexdigest()[:6]}")
+    return base.with_name(f"{base.name}-{digest.hexdigest()[:6]}"), f"{base.name} holds other settings: {listed}"
 
 
 def trained_run_dir(cfg: DictConfig) -> Path:
@@ -168,18 +173,35 @@ def best_checkpoint(path: Path) -> Optional[Path]:
     return ckpt if ckpt.is_file() else None
 
 
-def check_checkpoint(path: str | Path) -> Path:
-    """A readable Lightning checkpoint, or a ConfigError naming the file."""
+def check_checkpoint(path: str | Path, resuming: bool = False) -> Path:
+    """A readable Lightning checkpoint, or a ConfigError naming the file (and `ckpt_path`, unless it is
+    the `last.ckpt` a `fit` resumes from, which the user never named: then the way out)."""
     path = Path(path)
+    where = "" if resuming else "key 'ckpt_path': "
+    way_out = (f"; the run cannot resume from it: delete it to train this run from its start, or rerun with "
+               f"run_name=<a new name>") if resuming else ""
     if not path.is_file():
-        raise ConfigError(f"key 'ckpt_path': checkpoint not found: {path}")
+        raise ConfigError(f"{where}checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:
-        raise ConfigError(f"key 'ckpt_path': {path} is not a checkpoint ({type(err).__name__})") from None
+        raise ConfigError(f"{where}{path} is not a checkpoint ({type(err).__name__}){way_out}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ConfigError(f"key 'ckpt_path': {path} is not a Lightning checkpoint (no 'state_dict')")
+        raise ConfigError(f"{where}{path} is not a Lightning checkpoint (no 'state_dict'){way_out}")
     return path
+
+
+def finished_step(ckpt_path: Path, cfg: DictConfig) -> Optional[int]:
+    """The global step of `ckpt_path` when it holds the end of `cfg`'s training budget
+    (`trainer.max_steps`, else `trainer.max_epochs`), else None. Reads Lightning's checkpoint format:
+    `global_step` and `loops.fit_loop.epoch_progress.current.processed` (epochs whose batches all ran)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    step = int(ckpt.get("global_step", 0))
+    epochs = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed")
+    max_steps, max_epochs = cfg.trainer.max_steps, cfg.trainer.max_epochs
+    steps_done = max_steps is not None and max_steps > 0 and step >= max_steps
+    epochs_done = epochs is not None and max_epochs not in (None, -1) and epochs >= max_epochs
+    return step if steps_done or epochs_done else None
 
 
 def wandb_run_id(path: Path) -> str:
@@ -220,6 +242,9 @@ def build_loggers(cfg: DictConfig, path: Path) -> list[Logger]:
             project=wb.project, entity=wb.entity, id=wandb_run_id(path), name=path.name,
             group=f"{cfg.method}-{fraction_tag(cfg)}", tags=list(wb.tags) + [cfg.method, cfg.data.name],
             mode=wb.mode, save_dir=str(path), resume="allow", config=_plain(cfg)))
+        # Lightning passes wandb.init(anonymous=None), which wandb answers with a deprecation warning on
+        # every run; `_wandb_init` is Lightning's private dict of init kwargs (test_runs_console checks it)
+        loggers[-1]._wandb_init.pop("anonymous", None)
     else:
         wandb_run_id(path)
     return loggers

@@ -11,13 +11,13 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from crowdseg.config import to_yaml
-from crowdseg.console import model_line, quiet_lightning
+from crowdseg.console import model_line, progress_bar, quiet_lightning
 from crowdseg.continuation import StepSeed, kill_hooks, remove_stale_temporaries
 from crowdseg.errors import ConfigError
 from crowdseg.methods import METHODS, Job, Method
 from crowdseg.metrics import write_metrics_json
 from crowdseg.runs import (AtomicCheckpointIO, best_checkpoint, build_checkpoint_callbacks, build_loggers,
-                           check_checkpoint, last_checkpoint, prepare_run_dir, run_dir, trained_run_dir)
+                           check_checkpoint, last_checkpoint, locate_run, prepare_run_dir, run_dir, trained_run_dir)
 
 CONFIG_KEY = "crowdseg_config"  # a checkpoint's resolved config (YAML text)
 
@@ -50,6 +50,7 @@ def build_trainer(cfg: DictConfig, path: Path, job: Job, callbacks: Optional[lis
     # val_check_interval in steps across epochs"
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None or k == "check_val_every_n_epoch"}
     trainer_kwargs.setdefault("enable_model_summary", False)  # its table's FLOPs column reads 0 without an example input
+    trainer_kwargs["enable_progress_bar"] = progress_bar(trainer_kwargs.get("enable_progress_bar", True))
     trainer_kwargs.update(overrides)
     monitor, mode = getattr(job.module, "monitor", ("val/loss", "min"))
     # test hooks (env CROWDSEG_KILL_AT_STEP / CROWDSEG_KILL_IN): kill-and-resume tests stop a child at a known point
@@ -59,7 +60,8 @@ def build_trainer(cfg: DictConfig, path: Path, job: Job, callbacks: Optional[lis
         default_root_dir=str(path),
         logger=build_loggers(cfg, path),
         callbacks=build_checkpoint_callbacks(path, cfg.checkpoint_every_n_steps, monitor, mode)
-        + [StoreConfig(cfg), StepSeed(cfg.seed), ValidationStep()] + weight_averaging(cfg)
+        + [StoreConfig(cfg), StepSeed(cfg.seed), ValidationStep(report=not trainer_kwargs["enable_progress_bar"])]
+        + weight_averaging(cfg)
         + list(callbacks or []) + kill_callbacks,
         plugins=[kill_io or AtomicCheckpointIO()],
         # a module with manual optimisation (rps) clips its gradients by hand; Lightning refuses to
@@ -87,30 +89,47 @@ def plan_run(cfg: DictConfig) -> tuple[DictConfig, Any]:
     return with_label_record(cfg, split, len(split.val) if split.val is not None else None), split
 
 
+def record_used_images(cfg: DictConfig, split: Any, job: Job) -> tuple[DictConfig, Any]:
+    """(cfg, split) narrowed to the images the built datasets hold (an image `data.on_bad_annotation=skip`
+    left out is in no count or list), with the val count of a separate val split too. The run's
+    directory keeps the name of the planned split."""
+    from crowdseg.data import with_label_record
+
+    used = split.used_by(job.datamodule)
+    val = job.datamodule.datasets.get("val")
+    val_images = len(used.val) if used.val is not None else (len(val) if hasattr(val, "__len__") else None)
+    return with_label_record(cfg, used, val_images), used
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured method; resume from `<run_dir>/checkpoints/last.ckpt` when it exists.
 
     The labeled / unlabeled / val images are decided first and recorded in `cfg.labels` (and so in
     `config.yaml`, the checkpoints, the metrics JSON and the wandb config), then the run directory is
-    written. Returns the final logged metrics (floats) plus `run_dir` and `checkpoint`.
+    written. A run whose `last.ckpt` already holds its whole budget is complete: it is reported and
+    nothing is written. Returns the final logged metrics (floats) plus `run_dir` and `checkpoint`.
     """
     from crowdseg.data import write_split_files
+    from crowdseg.runs import is_global_zero
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     trainable(cfg)
     cfg, split = plan_run(cfg)
-    path = run_dir(cfg)
-    job = build_job(cfg, path)
-    if cfg.labels.val_images is None and job.datamodule.datasets.get("val") is not None:
-        cfg.labels.val_images = len(job.datamodule.datasets["val"])
+    path, why = locate_run(cfg)
     resume_from = last_checkpoint(path) if cfg.resume else None
     if resume_from is not None:
-        check_checkpoint(resume_from)
-    prepare_run_dir(cfg)
-    from crowdseg.runs import is_global_zero
+        check_checkpoint(resume_from, resuming=True)
+        complete = completed_run(path, resume_from, cfg)
+        if complete is not None:
+            return complete
+    job = build_job(cfg, path)
+    cfg, split = record_used_images(cfg, split, job)
+    prepare_run_dir(cfg, path=path)
     if is_global_zero():
         remove_stale_temporaries(path)  # of a checkpoint write a kill interrupted
         written = write_split_files(path, split)
+        resuming = f"resuming from step {_step_of(resume_from)}" if resume_from is not None else why
+        print(f"[crowdseg] run: {path} ({resuming})", flush=True)
         if split.source.startswith(tuple("0123456789")) or split.val is not None:
             print(f"[crowdseg] labeled: {cfg.labels.labeled_images} images ({split.source}), unlabeled: "
                   f"{cfg.labels.unlabeled_images}, val: {cfg.labels.val_images}; lists in {written[0].parent}", flush=True)
@@ -129,10 +148,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             write_metrics_json(path, "val", {"split": "val", "step": trainer.global_step, "images": cfg.labels.val_images,
                                              "checkpoint": "end of training (last.ckpt)", "labels": _plain(cfg.labels),
                                              "metrics": final})
-    metrics.update(run_dir=str(path), checkpoint=str(last_checkpoint(path) or ""),
-                   pictures=str(path / "pictures"), metrics_csv=str(path / "csv" / "metrics.csv"),
-                   global_step=trainer.global_step)
-    return metrics
+    return {**metrics, **_run_paths(path), "global_step": trainer.global_step}
+
+
+def _run_paths(path: Path) -> dict[str, str]:
+    return {"run_dir": str(path), "checkpoint": str(last_checkpoint(path) or ""), "pictures": str(path / "pictures"),
+            "metrics_csv": str(path / "csv" / "metrics.csv")}
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", -1))
+
+
+def completed_run(path: Path, last: Path, cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """The recorded result of a run that already ran its whole budget and its final validation (its
+    `metrics/val.json` is of `last.ckpt`'s step), else None (the run continues)."""
+    from crowdseg.runs import finished_step, is_global_zero
+
+    step = finished_step(last, cfg)
+    record = _read_json(path / "metrics" / "val.json") if step is not None else None
+    if record is None or record.get("step") != step:  # killed before its final validation: it continues
+        return None
+    if is_global_zero():
+        print(f"[crowdseg] run: {path} is complete (step {step}; trainer.max_epochs={cfg.trainer.max_epochs}, "
+              f"max_steps={cfg.trainer.max_steps}); nothing was changed. Raise trainer.max_epochs or "
+              f"trainer.max_steps to extend it.", flush=True)
+    return {**record.get("metrics", {}), **_run_paths(path), "global_step": step}
 
 
 def _validated_before_the_end(trainer: L.Trainer, job: Job) -> bool:
@@ -146,13 +187,24 @@ def _validated_before_the_end(trainer: L.Trainer, job: Job) -> bool:
 
 
 class ValidationStep(Callback):
-    """Remembers the global step of the last (non-sanity) validation."""
+    """Remembers the global step of the last (non-sanity) validation; with `report` (no progress bar,
+    e.g. output to a log file) prints one line of its main metrics."""
 
-    step: Optional[int] = None
+    REPORTED = ("val/mae", "val/rmse", "val/sigma_l_f1", "val/iou_c", "val/mask_ap", "val/mask_ap50")
+
+    def __init__(self, report: bool = False):
+        self.step: Optional[int] = None
+        self.report = report
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self.step = trainer.global_step
+        if trainer.sanity_checking:
+            return
+        self.step = trainer.global_step
+        if self.report and trainer.is_global_zero:
+            logged = _floats(trainer.callback_metrics)
+            shown = ", ".join(f"{k} {logged[k]:.4g}" for k in self.REPORTED if k in logged)
+            print(f"[crowdseg] validation at step {trainer.global_step} (epoch {trainer.current_epoch}): "
+                  f"{shown or 'done'}", flush=True)
 
 
 def point_counts(dataset) -> list[int]:
@@ -187,7 +239,7 @@ def evaluate(cfg: DictConfig, stage: str = "validate", run_path: Optional[Path] 
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     trainable(cfg)
-    cfg, _ = plan_run(cfg)
+    cfg, label_split = plan_run(cfg)
     path = run_path or trained_run_dir(cfg)
     ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else default_checkpoint(path)
     if ckpt is None:
@@ -196,6 +248,7 @@ def evaluate(cfg: DictConfig, stage: str = "validate", run_path: Optional[Path] 
     check_checkpoint(ckpt)
     prepare_run_dir(cfg, write_config=False, path=path)
     job = build_job(cfg, path)
+    cfg, _ = record_used_images(cfg, label_split, job)
     split = {"validate": "val", "test": "test", "predict": "predict"}[stage]
     callbacks = []
     if stage == "predict":
@@ -215,7 +268,7 @@ def evaluate(cfg: DictConfig, stage: str = "validate", run_path: Optional[Path] 
     metrics = _floats(trainer.callback_metrics)
     if trainer.is_global_zero:
         record = {"split": split, "images": len(dataset), "checkpoint": str(ckpt),
-                  "step": int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", -1)),
+                  "step": _step_of(ckpt),
                   "labels": _plain(cfg.labels), "metrics": {k: v for k, v in metrics.items() if k.startswith(f"{split}/")}}
         if previous and previous.get("checkpoint") not in (None, str(ckpt)):
             record["previous"] = {k: v for k, v in previous.items() if k != "previous"}

@@ -50,11 +50,35 @@ def compose(layers: Sequence[tuple[str, dict[str, Any]]]) -> DictConfig:
     for source, layer in layers:
         cfg = _merge(cfg, layer, source, method)
     _derive(cfg)
-    _check_choices(cfg)
-    _check_shared_values(cfg)
-    METHODS[method].check(cfg)
-    _check_missing(cfg)
+    try:
+        _check_choices(cfg)
+        _check_shared_values(cfg)
+        METHODS[method].check(cfg)
+        _check_missing(cfg)
+    except ConfigError as err:
+        source = _source_of_key(str(err), layers)
+        raise (ConfigError(f"{source}: {err}") if source else err) from None
     return cfg
+
+
+def _source_of_key(message: str, layers: Sequence[tuple[str, dict[str, Any]]]) -> str | None:
+    """The last layer (file or override) that sets the first key a check's message names, if any."""
+    import re
+
+    found = re.search(r"keys? '([\w.]+)'", message)
+    if not found:
+        return None
+    source = None
+    for layer_source, layer in layers:
+        node: Any = layer
+        for part in found.group(1).split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            source = layer_source
+    return source
+
+
+_ABSENT = object()
 
 
 def _method_name(layers: Sequence[tuple[str, dict[str, Any]]]) -> str:

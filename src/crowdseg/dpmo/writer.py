@@ -225,6 +225,7 @@ def run_masks(cfg: DictConfig) -> dict[str, Any]:
     Returns out_dir, images (in the split), written and skipped (summed over all ranks) and
     masks_on_disk (finished images in out_dir).
     """
+    from crowdseg.console import progress_bar, quiet_lightning
     from crowdseg.data import build_dataset
     from crowdseg.runs import is_global_zero
 
@@ -252,9 +253,10 @@ def run_masks(cfg: DictConfig) -> dict[str, Any]:
     loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=cfg.data.num_workers,
                         collate_fn=collate_samples)
     t = cfg.trainer
+    quiet_lightning()
     trainer = L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
                         precision=t.precision, logger=False, enable_checkpointing=False, callbacks=[writer],
-                        enable_progress_bar=t.enable_progress_bar, enable_model_summary=False,
+                        enable_progress_bar=progress_bar(t.enable_progress_bar), enable_model_summary=False,
                         default_root_dir=str(out_dir))
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     # Totals over all ranks: with DDP every image is written by exactly one of them.
