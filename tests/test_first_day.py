@@ -64,6 +64,9 @@ def test_a_finished_run_is_reported_and_left_alone(tiny_overrides, capsys):
     assert "is complete (step" in capsys.readouterr().out
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before, "a rerun changed the run"
     assert again["val/mae"] == first["val/mae"] and again["global_step"] == first["global_step"]
+    evaluate(load_config(EXPERIMENT, tiny_overrides), "test")
+    records = {split: json.loads((run / "metrics" / f"{split}.json").read_text()) for split in ("val", "test")}
+    assert records["test"]["labels"]["val_images"] == records["val"]["labels"]["val_images"] == 2
     # extending the budget still resumes, and says from which step
     longer = train(load_config(EXPERIMENT, tiny_overrides + ["trainer.max_epochs=2"]))
     assert f"(resuming from step {first['global_step']})" in capsys.readouterr().out
