@@ -21,6 +21,8 @@ TINY = [
     "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
     "trainer.accelerator=cpu", "trainer.check_val_every_n_epoch=1", "trainer.log_every_n_steps=1",
     "logger.num_pictures=1",
+    # the demo's budget is in steps (a cosine over 288): the tiny runs count epochs, with a step schedule
+    "trainer.max_steps=-1", "trainer.val_check_interval=null", "optim.schedule=step",
 ]
 
 
