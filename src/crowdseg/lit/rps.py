@@ -63,6 +63,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from crowdseg.choices import TRAIN_POINTS
 from crowdseg.errors import ConfigError, DataError
 from crowdseg.lit.common import StageHooks, inside_image, write_stage_metrics
 from crowdseg.losses.p2p import P2PLoss, hungarian_match
@@ -75,7 +76,6 @@ from crowdseg.rl.reward import match_points_to_instances
 from crowdseg.rl.sam_env import SamEnvironment
 from crowdseg.vis import point_overlay, save_png
 
-TRAIN_POINTS = ("matched", "predicted")
 LOCALIZATION_RADII = (4.0, 8.0)
 STAGES = ("val", "test")
 

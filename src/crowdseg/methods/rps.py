@@ -9,6 +9,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
+from crowdseg.choices import PROMPT_SELECTIONS, TRAIN_POINTS, check_dpmo_config
 from crowdseg.errors import ConfigError
 from crowdseg.methods.base import Job, Method
 from crowdseg.methods.dpmo import DpmoConfig, SamConfig, check_sam
@@ -47,12 +48,8 @@ class RpsConfig:
 
 
 def check(cfg: DictConfig) -> None:
-    from crowdseg.dpmo.generate import check_dpmo_config
-    from crowdseg.lit.rps import TRAIN_POINTS
-    from crowdseg.rl.sam_env import ENV_SELECTIONS
-
     r = cfg.rps
-    for key, allowed in (("train_points", TRAIN_POINTS), ("selection", ENV_SELECTIONS), ("warmup_loss", WARMUP_LOSSES)):
+    for key, allowed in (("train_points", TRAIN_POINTS), ("selection", PROMPT_SELECTIONS), ("warmup_loss", WARMUP_LOSSES)):
         if r[key] not in allowed:
             raise ConfigError(f"key 'rps.{key}': {r[key]!r} is not one of {', '.join(allowed)}")
     for key in ("num_candidates", "group_size", "ppo_epochs", "scorer_channels", "scorer_layers"):
