@@ -38,9 +38,11 @@ DEFAULT_FRACTIONS = (5.0, 10.0, 40.0)
 NWPU_TEST_IDS = range(3610, 5110)
 
 
-def fraction_tag(fraction: float) -> str:
-    """5.0 -> "5", 2.5 -> "2.5"."""
-    return str(int(fraction)) if float(fraction).is_integer() else str(fraction)
+def fraction_tag(fraction: float, digits: int | None = None) -> str:
+    """A label percentage as file and run names write it: 5.0 -> "5", 2.5 -> "2.5"; rounded to
+    `digits` significant digits when given (run names take 3: 100 / 9 % is "11.1")."""
+    value = float(f"{fraction:.{digits}g}") if digits else float(fraction)
+    return str(int(value)) if value.is_integer() else str(value)
 
 
 def split_file_names(fraction: float, seed: int) -> tuple[str, str]:

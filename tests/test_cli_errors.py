@@ -46,8 +46,8 @@ def test_the_process_exits_with_code_2_and_a_usage_error_stays_argparse_s(tmp_pa
     proc = subprocess.run([sys.executable, "-m", "crowdseg", "splits", "jhu", "--out", str(tmp_path)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert (proc.returncode, proc.stdout) == (2, "")
-    assert proc.stderr.splitlines() == [f"crowdseg: error: no official training list is known for 'jhu'; pass "
-                                        f"--root with the dataset (the names of its training images are used)"]
+    assert proc.stderr.splitlines() == ["crowdseg: error: no official training list is known for 'jhu'; pass "
+                                        "--root with the dataset (the names of its training images are used)"]
     with pytest.raises(SystemExit) as usage:
         main(["eval-loc", "--gt"])
     assert usage.value.code == 2

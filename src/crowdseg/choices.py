@@ -18,9 +18,8 @@ MATCH_ON = ("predicted", "anchors")
 MASK_POINTS = ("predicted", "anchors")
 # rps.train_points: crowdseg.lit.rps
 TRAIN_POINTS = ("matched", "predicted")
-# sam.model_type: crowdseg.sam.build
-SAM_TYPES = ("vit_b", "vit_l", "vit_h")
-MODEL_TYPES = SAM_TYPES + ("vit_t", "tiny")
+# sam.model_type: crowdseg.sam.build (SAM's three, MobileSAM's vit_t, a tiny random test model)
+MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "vit_t", "tiny")
 # dpmo.*: crowdseg.dpmo
 VARIANTS = ("dpmo", "edp_sam")
 SELECTIONS = ("iou_inside", "disc_iou")

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from crowdseg.choices import MODEL_TYPES, SAM_TYPES
+from crowdseg.choices import MODEL_TYPES
 from crowdseg.errors import ConfigError
 
 _SAM_URL = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
