@@ -35,7 +35,7 @@ validate, test and predict also take a checkpoint alone: crowdseg test --ckpt RU
 
 other commands:
   eval-loc   evaluate NWPU-format localization files (--gt FILE --pred FILE [--json])
-  splits     write label-fraction split files (<dataset> --fractions 5 10 40 --seed S)
+  splits     write label-fraction split files (<dataset> --fractions 5 10 40 --seed S; into ./splits/<dataset> or --out DIR)
   report     table + PNG of runs by experiment and label fraction (<runs dir ...> | --wandb ENTITY/PROJECT)
 
 methods (the `method:` key):
