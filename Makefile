@@ -8,15 +8,24 @@ export UV_PYTHON_DOWNLOADS := never
 export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install lock demo test test-fast bench clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# The exact tested versions (requirements.lock), then the package itself without resolving again.
+$(VENV)/.installed: setup.cfg pyproject.toml requirements.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	@test -x $(PY) || uv venv --quiet --python 3.11 $(VENV)
-	uv pip install --quiet --python $(PY) -e '.[test]'
+	uv pip install --quiet --python $(PY) -r requirements.lock
+	uv pip install --quiet --python $(PY) --no-deps -e .
 	@touch $@
 
 install: $(VENV)/.installed
+
+# Re-resolve requirements.lock from setup.cfg's ranges (+ the test extra), keeping its versions where
+# they still fit; `make lock UPGRADE=--upgrade` moves every package to the newest version in range.
+lock:
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	uv pip compile setup.cfg --extra test --universal --python-version 3.11 $(UPGRADE) \
+		--custom-compile-command "make lock" -o requirements.lock
 
 demo: install
 	$(VENV)/bin/crowdseg fit experiments/p2p/synthetic.yaml

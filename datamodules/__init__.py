@@ -9,5 +9,5 @@
 - `transforms`: training crops, weak / strong views, evaluation padding;
 - `splits`: label-fraction split files (`crowdseg splits`) and their loader;
 - `crowd`, `semi`, `detection`: the DataModules; `distributed`: batch sizes and samplers under DDP;
-- `synthetic`: the built-in synthetic crowd; `show`: a PNG grid of samples.
+- `synthetic`: the built-in synthetic crowd.
 """

@@ -7,17 +7,9 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from crowdseg.errors import ConfigError
-from datamodules.distributed import world_and_rank
+from datamodules.distributed import per_rank_batch_size, world_and_rank
 from datamodules.resumable import epoch_to_run, resumable_loader
 from datamodules.types import collate_samples
-
-
-def per_device_batch_size(global_batch_size: int, world_size: int) -> int:
-    """Split a global batch size over `world_size` processes; it must divide evenly."""
-    if global_batch_size % world_size:
-        raise ConfigError(f"key 'data.batch_size': global batch size {global_batch_size} is not divisible "
-                          f"by the world size {world_size} (devices x nodes)")
-    return global_batch_size // world_size
 
 
 class CrowdDataModule(L.LightningDataModule):
@@ -63,7 +55,7 @@ class CrowdDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world, rank = world_and_rank(self.trainer)
         dataset = self.dataset("train")
-        batch_size = per_device_batch_size(self.batch_size, world)
+        batch_size = per_rank_batch_size(self.batch_size, world)
         return resumable_loader(dataset, batch_size, num_replicas=world, rank=rank, seed=self.seed,
                                 drop_last=len(dataset) >= batch_size, num_workers=self.num_workers,
                                 collate_fn=collate_samples, pin_memory=self._on_gpu(), epoch=epoch_to_run(self.trainer))

@@ -18,7 +18,8 @@ Official training lists the defaults are generated from:
 - jhu: the official train id list is not published apart from the dataset itself, so no default
   split is shipped: run `crowdseg splits jhu --root <jhu_crowd_v2.0>` on the downloaded data.
 
-CLI: `crowdseg splits <dataset> --fractions 5 10 40 --seed S [--root DIR] [--out DIR]`.
+CLI: `crowdseg splits <dataset> --fractions 5 10 40 --seed S [--root DIR] [--out DIR]`, writing into
+`splits/<dataset>` under the current directory unless `--out` says otherwise.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import math
 from pathlib import Path
 from typing import Iterable
 
-from crowdseg.errors import CrowdsegError, DataError
+from crowdseg.errors import DataError
 from crowdseg.io import write_text_atomic
 from datamodules.readers.common import natural_key
 
@@ -37,9 +38,11 @@ DEFAULT_FRACTIONS = (5.0, 10.0, 40.0)
 NWPU_TEST_IDS = range(3610, 5110)
 
 
-def fraction_tag(fraction: float) -> str:
-    """5.0 -> "5", 2.5 -> "2.5"."""
-    return str(int(fraction)) if float(fraction).is_integer() else str(fraction)
+def fraction_tag(fraction: float, digits: int | None = None) -> str:
+    """A label percentage as file and run names write it: 5.0 -> "5", 2.5 -> "2.5"; rounded to
+    `digits` significant digits when given (run names take 3: 100 / 9 % is "11.1")."""
+    value = float(f"{fraction:.{digits}g}") if digits else float(fraction)
+    return str(int(value)) if value.is_integer() else str(value)
 
 
 def split_file_names(fraction: float, seed: int) -> tuple[str, str]:
@@ -169,7 +172,8 @@ def load_split(dataset: str, fraction: float, seed: int, train_names: Iterable[s
     lab_name, unl_name = split_file_names(fraction, seed)
     lab_path = Path(labeled_file) if labeled_file else folder / lab_name
     if not lab_path.exists():
-        hint = "" if labeled_file else f"; generate it with `crowdseg splits {dataset} --fractions {fraction_tag(fraction)} --seed {seed}`"
+        hint = "" if labeled_file else (f"; generate it with `crowdseg splits {dataset} --fractions {fraction_tag(fraction)} "
+                                        f"--seed {seed} --out {folder}`")
         raise DataError(f"{lab_path}: split file not found{hint}")
     labeled = read_name_list(lab_path)
     unl_path = None if labeled_file else folder / unl_name
@@ -219,31 +223,23 @@ def write_splits(out_dir: str | Path, names: Iterable[str], fractions: Iterable[
 
 
 def main(argv: list[str]) -> int:
-    """`crowdseg splits <dataset> --fractions 5 10 40 --seed S [--root DIR] [--out DIR]`."""
+    """`crowdseg splits <dataset> --fractions 5 10 40 --seed S [--root DIR] [--out DIR]`; a bad input
+    raises `CrowdsegError`, which `crowdseg.cli` reports."""
     parser = argparse.ArgumentParser(prog="crowdseg splits", description="Write label-fraction split files.")
     parser.add_argument("dataset", help="dataset name (sha, shb, qnrf, nwpu, jhu, ...)")
     parser.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS),
                         help="labeled percentages (default: 5 10 40)")
     parser.add_argument("--seed", type=int, nargs="+", default=[0], help="split seed(s) (default: 0)")
     parser.add_argument("--root", default=None, help="dataset root: split its training images instead of the official list")
-    parser.add_argument("--out", default=None, help="output folder (default: datamodules/splits/<dataset>)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: splits/<dataset> under the current directory)")
     args = parser.parse_args(argv)
-    try:
-        names = train_names_from_root(args.dataset, args.root) if args.root else official_train_names(args.dataset)
-        out = Path(args.out) if args.out else SPLITS_DIR / args.dataset
-        for seed in args.seed:
-            write_splits(out, names, args.fractions, seed)
-            for f in args.fractions:
-                n = labeled_count(f, len(names))
-                print(f"{args.dataset} {fraction_tag(f)}% seed {seed}: {n} labeled / {len(names) - n} unlabeled "
-                      f"-> {out / split_file_names(f, seed)[0]}")
-    except CrowdsegError as exc:
-        print(f"error: {exc}")
-        return 2
+    names = train_names_from_root(args.dataset, args.root) if args.root else official_train_names(args.dataset)
+    out = Path(args.out) if args.out else Path("splits") / args.dataset
+    for seed in args.seed:
+        write_splits(out, names, args.fractions, seed)
+        for f in args.fractions:
+            n = labeled_count(f, len(names))
+            print(f"{args.dataset} {fraction_tag(f)}% seed {seed}: {n} labeled / {len(names) - n} unlabeled "
+                  f"-> {out / split_file_names(f, seed)[0]}")
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    raise SystemExit(main(sys.argv[1:]))

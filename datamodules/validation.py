@@ -8,12 +8,14 @@ problems (images without annotation files and the reverse, unparsable files).
 
 Policies:
 - fail: raise a DataError naming the first problem's file (and line or key), counting the rest;
-- skip: leave out every image with a problem and print a report;
+- skip: leave out every image with a problem and report them;
 - drop: remove only the offending points of point-level problems (an instance map is renumbered
-  on load), skip images with image-level problems, and print a report.
+  on load), skip images with image-level problems, and report them.
+The report is one warning of this module's logger (on stderr unless logging is configured).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -26,6 +28,7 @@ from datamodules.readers.idmaps import id_map_size
 POLICIES = ("fail", "skip", "drop")
 DUPLICATE_POLICIES = ("fail", "drop", "keep")  # data.on_duplicate_points
 MAX_REPORT_LINES = 30
+log = logging.getLogger(__name__)
 
 
 def check_record(record: Record, outside_tolerance: float = 1.0, verify_image: bool = False) -> list[Problem]:
@@ -149,7 +152,7 @@ def _report(problems: list[Problem], n_before: int, n_after: int, dropped: dict[
         lines.append(f"  [{action}] {p}")
     if len(problems) > MAX_REPORT_LINES:
         lines.append(f"  ... and {len(problems) - MAX_REPORT_LINES} more")
-    print("\n".join(lines), flush=True)
+    log.warning("\n".join(lines))
 
 
 def validate(records: list[Record], problems: list[Problem], policy: str = "fail", outside_tolerance: float = 1.0,

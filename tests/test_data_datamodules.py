@@ -1,14 +1,11 @@
-"""SemiSupervisedDataModule, DetectionDataModule, batch sizes and the sample picture (one process)."""
+"""SemiSupervisedDataModule, DetectionDataModule and batch sizes (one process)."""
 from __future__ import annotations
 
 import json
 from collections import Counter
 from types import SimpleNamespace
 
-import cv2
-import numpy as np
 import pytest
-import torch
 
 from crowdseg.errors import ConfigError, DataError
 from data_fixtures import CROWDHUMAN_ID, make_cclabeler, make_crowdhuman
@@ -16,8 +13,7 @@ from datamodules.dataset import build_dataset
 from datamodules.detection import DetectionDataModule, build_detection_datamodule
 from datamodules.distributed import CycleDistributedSampler, per_rank_batch_size
 from datamodules.semi import SemiSupervisedDataModule, build_semi_datasets
-from datamodules.show import save_sample_grid
-from datamodules.transforms import EvalTransform, TrainTransform, TwoViewTransform
+from datamodules.transforms import TrainTransform, TwoViewTransform
 
 
 @pytest.fixture
@@ -115,20 +111,3 @@ def test_detection_datamodule_excludes_cis_images_from_training(tmp_path):
     full_train = build_dataset("crowdhuman", str(root), "train")
     with pytest.raises(DataError, match=r"1 val image\(s\) are also in the training set, e.g. 273271,abc.jpg"):
         DetectionDataModule(full_train, dm.datasets["val"])
-
-
-def test_show_writes_a_png_grid(tmp_path):
-    ds = build_dataset("synthetic", None, "train", num_images=5, height=64, width=96, max_people=12,
-                       transform=EvalTransform())
-    samples = [ds[i] for i in range(5)]
-    path = tmp_path / "pics" / "grid.png"
-    save_sample_grid(samples, path, ncols=3, cell=100)
-    image = cv2.imread(str(path))
-    assert image.shape == (2 * 100 + 3 * 4, 3 * 100 + 4 * 4, 3)
-    assert not list(path.parent.glob("*.tmp"))
-    # the first point is drawn as a red dot (BGR red channel high, blue low)
-    x, y = samples[0]["points"][0].tolist()
-    s = 100 / max(samples[0]["image"].shape[-2:])
-    px = image[4 + int(round((y + 0.5) * s - 0.5)), 4 + int(round((x + 0.5) * s - 0.5))]
-    assert px[2] > 200 and px[0] < 80
-    assert torch.is_tensor(samples[0]["instance_map"]) and np.isfinite(image).all()

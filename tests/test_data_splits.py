@@ -58,8 +58,16 @@ def test_cli_writes_split_files(tmp_path, capsys):
         n for f in (5, 10, 40) for n in split_file_names(f, 7))
     assert "sha 5% seed 7: 15 labeled / 285 unlabeled" in capsys.readouterr().out
     assert read_name_list(tmp_path / "labeled_5_seed7.txt") == make_split(official_train_names("sha"), 5, 7)[0]
-    assert main(["jhu", "--seed", "0", "--out", str(tmp_path / "jhu")]) == 2
-    assert "no official training list is known for 'jhu'" in capsys.readouterr().out
+    with pytest.raises(DataError, match="no official training list is known for 'jhu'"):
+        main(["jhu", "--seed", "0", "--out", str(tmp_path / "jhu")])
+
+
+def test_cli_writes_under_the_current_directory_by_default(tmp_path, monkeypatch):
+    shipped = sorted(SPLITS_DIR.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["shb", "--fractions", "5", "--seed", "3"]) == 0
+    assert sorted(p.name for p in (tmp_path / "splits" / "shb").iterdir()) == sorted(split_file_names(5, 3))
+    assert sorted(SPLITS_DIR.rglob("*")) == shipped
 
 
 def test_cli_splits_a_dataset_root(tmp_path):
@@ -95,7 +103,7 @@ def test_inconsistent_split_files_are_rejected(tmp_path):
     (folder / "unlabeled_5_seed0.txt").write_text("IMG_3.jpg\n")
     with pytest.raises(DataError, match=r"unlabeled_5_seed0\.txt: 1 training image\(s\) are in neither split file, e\.g\. IMG_4\.jpg"):
         load_split("sha", 5, 0, splits_dir=tmp_path, train_names=["IMG_1.jpg", "IMG_2.jpg", "IMG_3.jpg", "IMG_4.jpg"])
-    with pytest.raises(DataError, match=r"labeled_10_seed0\.txt: split file not found; generate it with `crowdseg splits sha"):
+    with pytest.raises(DataError, match=r"labeled_10_seed0\.txt: split file not found; generate it with `crowdseg splits sha --fractions 10 --seed 0 --out "):
         load_split("sha", 10, 0, splits_dir=tmp_path)
 
 

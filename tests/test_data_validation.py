@@ -54,26 +54,28 @@ def test_duplicate_point(folder):
     assert len(dropped.records[0].points) == 2
 
 
-def test_duplicate_report_names_its_setting_and_keep_leaves_every_point(folder, capsys):
+def test_duplicate_report_names_its_setting_and_keep_leaves_every_point(folder, caplog):
     _set_points(folder, "a", [(5.0, 5.0), (20.0, 30.0), (5.0, 5.0), (5.0, 5.0)])
     for policy in ("fail", "skip", "drop"):  # duplicates alone: their own setting, whatever on_bad_annotation says
+        caplog.clear()
         assert [len(r.points) for r in build_dataset("cclabeler", str(folder), "all", on_bad_annotation=policy).records] == [2, 1, 3]
-        out = capsys.readouterr().out
+        out = caplog.text
         assert "1 annotation problem(s) of cclabeler (on_duplicate_points=drop): kept 3 of 3 images, dropped 2 point(s)" in out
         assert "on_bad_annotation" not in out
+    caplog.clear()
     kept = build_dataset("cclabeler", str(folder), "all", on_duplicate_points="keep")
-    assert [len(r.points) for r in kept.records] == [4, 1, 3] and capsys.readouterr().out == ""
+    assert [len(r.points) for r in kept.records] == [4, 1, 3] and caplog.text == ""
     # keep: the other problems still follow on_bad_annotation, the duplicates are none of them
     _set_points(folder, "b", [(10.0, 10.0), (99.0, 3.0)])
     kept = build_dataset("cclabeler", str(folder), "all", on_bad_annotation="drop", on_duplicate_points="keep")
     assert [len(r.points) for r in kept.records] == [4, 1, 3]
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "1 annotation problem(s) of cclabeler (on_bad_annotation=drop)" in out and "duplicate point" not in out
     with pytest.raises(ConfigError, match="key 'data.on_duplicate_points': expected one of fail, drop, keep"):
         build_dataset("cclabeler", str(folder), "all", on_duplicate_points="ignore")
 
 
-def test_the_test_split_keeps_duplicates_that_training_and_val_drop(tmp_path, capsys):
+def test_the_test_split_keeps_duplicates_that_training_and_val_drop(tmp_path, caplog):
     from pathlib import Path
 
     from crowdseg.config import load_config
@@ -90,10 +92,10 @@ def test_the_test_split_keeps_duplicates_that_training_and_val_drop(tmp_path, ca
     datamodule = build_datamodule(cfg)
     assert [len(r.points) for r in datamodule.datasets["train"].records] == [2, 1]
     assert [len(r.points) for r in datamodule.datasets["val"].records] == [1, 1]  # selection: the training policy
-    capsys.readouterr()
+    caplog.clear()
     for test in (datamodule.dataset("test"), build_test_dataset(cfg), _test_dataset(cfg, None)):
         assert test.names == ["u1.jpg", "u2.jpg"] and [len(r.points) for r in test.records] == [3, 2]
-    assert capsys.readouterr().out == ""  # the published ground truth: nothing dropped, nothing reported
+    assert caplog.text == ""  # the published ground truth: nothing dropped, nothing reported
 
 
 def test_shanghaitech_b_training_duplicates_kept_and_dropped():
@@ -179,17 +181,18 @@ def test_instance_map_size_and_ids_are_checked(folder, tmp_path):
         build_dataset("cclabeler", str(folder), "all", masks_dir=str(masks))
 
 
-def test_skip_prints_a_report_and_keeps_the_good_images(folder, capsys):
+def test_skip_reports_and_keeps_the_good_images(folder, caplog, capsys):
     _set_points(folder, "b", [(10.0, 10.0), (99.0, 3.0)])
     (folder / "jsons" / "c.json").unlink()
     ds = build_dataset("cclabeler", str(folder), "all", on_bad_annotation="skip")
     assert ds.names == ["a.jpg"]
-    out = capsys.readouterr().out
+    assert capsys.readouterr().out == ""  # a warning of the module's logger, not a print
+    out = caplog.text
     assert "2 annotation problem(s) of cclabeler (on_bad_annotation=skip): kept 1 of 2 images" in out
     assert "[skipped]" in out and "b.json: 1 point(s) outside" in out and "c.jpg: image without annotation file" in out
 
 
-def test_drop_removes_only_bad_points_and_renumbers_the_instance_map(folder, tmp_path, capsys):
+def test_drop_removes_only_bad_points_and_renumbers_the_instance_map(folder, tmp_path, caplog):
     pts = [(40.0, 40.0), (99.0, 12.0), (3.0, 60.0), (40.0, 40.0)]  # index 1 outside, index 3 duplicate
     _set_points(folder, "c", pts)
     masks = tmp_path / "masks"
@@ -203,7 +206,7 @@ def test_drop_removes_only_bad_points_and_renumbers_the_instance_map(folder, tmp
     np.testing.assert_allclose(sample["points"].numpy(), [[40, 40], [3, 60]])
     m = sample["instance_map"].numpy()
     assert m[40, 40] == 1 and m[60, 3] == 2 and m[12, 63] == 0 and m[0, 0] == 0
-    assert "dropped 2 point(s) in 1 image(s)" in capsys.readouterr().out
+    assert "dropped 2 point(s) in 1 image(s)" in caplog.text
 
 
 def test_unknown_policy_is_a_config_error(folder):

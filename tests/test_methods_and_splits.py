@@ -161,12 +161,12 @@ def test_name_lists_narrow_a_split(tmp_path):
     assert sorted(datamodule.datasets["val"].names) == names[18:25]
 
 
-def test_shanghaitech_duplicates_are_dropped_and_counted(capsys):
+def test_shanghaitech_duplicates_are_dropped_and_counted(caplog):
     from datamodules.dataset import build_dataset
 
     dataset = build_dataset("shb", str(SHB), "train")
     assert len(dataset) == 400
-    report = capsys.readouterr().out
+    report = caplog.text
     assert "dropped 38 point(s) in 14 image(s)" in report
     with pytest.raises(DataError, match="duplicate point"):
         build_dataset("shb", str(SHB), "train", on_duplicate_points="fail")

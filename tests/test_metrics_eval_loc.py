@@ -81,15 +81,11 @@ def test_small_files_hand_computed_with_a_missing_image(capsys, small_gt, tmp_pa
     ("7\n", r"pred\.txt:1: expected `image_id num \.\.\.`"),
     ("9 1 1 1\n", r"pred\.txt: image 9 is not in the ground truth"),
 ])
-def test_malformed_prediction_files_name_file_and_line(capsys, small_gt, tmp_path, content, message):
+def test_malformed_prediction_files_name_file_and_line(small_gt, tmp_path, content, message):
     pred = tmp_path / "pred.txt"
     pred.write_text(content)
-    assert eval_loc.main(["--gt", str(small_gt), "--pred", str(pred), "--json"]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert captured.err.startswith("crowdseg eval-loc: error: ")
     with pytest.raises(DataError, match=message):
-        eval_loc.evaluate_localization_files(small_gt, pred)
+        eval_loc.main(["--gt", str(small_gt), "--pred", str(pred), "--json"])
 
 
 def test_malformed_ground_truth_files(tmp_path):
@@ -118,7 +114,7 @@ def test_prediction_file_round_trip(tmp_path):
 def test_module_entry_point_and_crowdseg_cli(small_gt, tmp_path):
     pred = tmp_path / "pred.txt"
     pred.write_text("1 1 10 10\n")
-    proc = subprocess.run([sys.executable, "-m", "crowdseg.metrics.eval_loc", "--gt", str(small_gt),
+    proc = subprocess.run([sys.executable, "-m", "crowdseg", "eval-loc", "--gt", str(small_gt),
                            "--pred", str(pred), "--json"], capture_output=True, text=True, check=True)
     assert json.loads(proc.stdout)["sigma_l"]["tp"] == 1
     from crowdseg.cli import main as crowdseg_main

@@ -86,11 +86,15 @@ def test_enabled_without_masks_is_a_config_error(tiny_overrides):
 
 
 def test_mask_coverage_of_records_and_wrappers():
-    record = lambda mask: SimpleNamespace(mask_path=mask, polygons=None)   # noqa: E731
-    assert mask_coverage(SimpleNamespace(records=[record("a.png"), record("b.png")])) == "all"
-    assert mask_coverage(SimpleNamespace(records=[record("a.png"), record(None)])) == "some"
-    assert mask_coverage(SimpleNamespace(records=[record(None)])) == "none"
-    concat = SimpleNamespace(datasets=[SimpleNamespace(records=[record("a.png")]), SimpleNamespace(records=[record(None)])])
-    assert mask_coverage(concat) == "some"
+    def record(name, mask=None, polygons=None):
+        return SimpleNamespace(name=name, mask_path=mask, polygons=polygons)
+
+    assert mask_coverage(SimpleNamespace(records=[record("a.jpg", "a.png"), record("b.jpg", polygons=[])])) == ("all", None)
+    assert mask_coverage(SimpleNamespace(records=[record("a.jpg", "a.png"), record("b.jpg")])) == ("some", "b.jpg")
+    assert mask_coverage(SimpleNamespace(records=[record("a.jpg")])) == ("none", "a.jpg")
+    concat = SimpleNamespace(datasets=[SimpleNamespace(records=[record("a.jpg", "a.png")]),
+                                       SimpleNamespace(records=[record("b.jpg")])])
+    assert mask_coverage(concat) == ("some", "b.jpg")
     samples = [{"instance_map": torch.zeros(4, 4, dtype=torch.long)}]
-    assert mask_coverage(samples) == "all"
+    assert mask_coverage(samples) == ("all", None)
+    assert mask_coverage([{"instance_map": None, "meta": {"name": "c.jpg"}}]) == ("none", "c.jpg")

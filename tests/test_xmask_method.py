@@ -45,17 +45,15 @@ def test_build_semi_and_supervised_datamodules(tmp_path):
     assert set(sup.datasets["train"].names) == lab  # the control trains on the same labeled images
 
 
-def test_labeled_images_without_masks_are_refused_past_phase1():
-    from crowdseg.methods.xmask import first_without_masks, reaches_phase2
+def test_labeled_images_without_masks_are_refused_past_phase1(tmp_path):
+    from crowdseg.methods.xmask import build_datamodule, reaches_phase2
+    from data_fixtures import make_cclabeler
 
-    class Rec:
-        def __init__(self, name, mask):
-            self.name, self.mask_path, self.polygons = name, mask, None
-
-    class Data:
-        records = [Rec("IMG_1.jpg", Path("m/IMG_1.png")), Rec("IMG_2.jpg", None)]
-
-    assert first_without_masks(Data()) == "IMG_2.jpg"
+    root = make_cclabeler(tmp_path / "cc", {f"img{k}": [(10.0 + k, 12.0)] for k in range(6)})
+    cclabeler = TINY + ["data.name=cclabeler", f"data.root={root}", "data.train_split=all", "data.test_split=all",
+                        "xmask.semi=false", f"runs_root={tmp_path}"]
+    with pytest.raises(DataError, match=r"instance masks of the labeled images, and img\d\.jpg has none"):
+        build_datamodule(load_config(EXPERIMENTS / "synthetic.yaml", cclabeler))
     cfg = load_config(EXPERIMENTS / "sha_cpu_phase1.yaml")
     assert not reaches_phase2(cfg)
     assert reaches_phase2(load_config(EXPERIMENTS / "sha.yaml"))

@@ -1,7 +1,9 @@
 """`crowdseg <command> ...`: a thin layer over the pure entry points.
 
 Commands that run an experiment take `<experiment.yaml> [key=value ...]`; the rest have their own
-flags. A user-input problem (CrowdsegError) prints one line and exits with code 2.
+flags. Every command reports a user-input problem the same way: it raises `CrowdsegError` (or its
+`ConfigError` / `DataError`), and `main` prints `crowdseg: error: <one line>` to stderr and exits
+with code 2. A malformed command line is argparse's to report (usage on stderr, code 2).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ validate, test and predict also take a checkpoint alone: crowdseg test --ckpt RU
 
 other commands:
   eval-loc   evaluate NWPU-format localization files (--gt FILE --pred FILE [--json])
-  splits     write label-fraction split files (<dataset> --fractions 5 10 40 --seed S)
+  splits     write label-fraction split files (<dataset> --fractions 5 10 40 --seed S; into ./splits/<dataset> or --out DIR)
   report     table + PNG of runs by experiment and label fraction (<runs dir ...> | --wandb ENTITY/PROJECT)
 
 methods (the `method:` key):
@@ -46,7 +48,8 @@ def usage() -> str:
     return USAGE.format(methods="\n".join(f"  {m.name:<10} {m.summary}" for m in METHODS.values()))
 
 
-# Commands with their own argument parser: "module:function" taking argv, returning an exit code.
+# Commands with their own argument parser: "module:function" taking argv, returning an exit code and
+# raising CrowdsegError on a bad input. They never run on DDP ranks.
 RAW_COMMANDS = {
     "eval-loc": "crowdseg.metrics.eval_loc:main",
     "splits": "datamodules.splits:main",
@@ -167,7 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"crowdseg: error: unknown command {command!r}\n\n{usage()}", end="", file=sys.stderr)
         return 2
     except CrowdsegError as err:
-        if _is_rank_zero():  # every DDP rank runs the same checks: one copy of the line is enough
+        # every DDP rank of an experiment command runs the same checks: one copy of the line is enough
+        if command in RAW_COMMANDS or _is_rank_zero():
             print(f"crowdseg: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

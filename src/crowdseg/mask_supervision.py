@@ -9,7 +9,7 @@ plain values. When `mask_loss.enabled` is true the training set must carry insta
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from omegaconf import DictConfig
 
@@ -19,26 +19,41 @@ from crowdseg.losses.mask_counting import DensityMaskLoss, PointMaskLoss, SoftOn
 log = logging.getLogger(__name__)
 
 
-def mask_coverage(dataset: Any) -> str:
-    """"all", "some" or "none": which images of `dataset` carry an instance map.
+class MaskCoverage(NamedTuple):
+    """Which images of a dataset carry an instance map: `state` "all", "some" or "none", and
+    `first_missing`, the name of the first image without one (None when all have one, or there is
+    no image)."""
+    state: str
+    first_missing: Optional[str] = None
+
+
+def mask_coverage(dataset: Any) -> MaskCoverage:
+    """Which images of `dataset` carry an instance map.
 
     Datasets of records (`datamodules.dataset.CrowdDataset`) are judged by their records (a mask
-    file or polygons), without decoding an image; wrappers with `.dataset` / `.datasets` (torch
-    `Subset`, `ConcatDataset`) are unwrapped; any other dataset is judged by its first sample.
+    file or polygons, an empty list of polygons being an image without people), without decoding
+    an image; wrappers with `.dataset` / `.datasets` (torch `Subset`, `ConcatDataset`) are
+    unwrapped; any other dataset is judged by its first sample.
     """
     records = getattr(dataset, "records", None)
     if records is not None:
-        has = [getattr(r, "mask_path", None) is not None or getattr(r, "polygons", None) is not None
-               for r in records]
-        return "all" if has and all(has) else "some" if any(has) else "none"
+        missing = [r.name for r in records
+                   if getattr(r, "mask_path", None) is None and getattr(r, "polygons", None) is None]
+        state = "none" if len(missing) == len(records) else "some" if missing else "all"
+        return MaskCoverage(state, missing[0] if missing else None)
     if hasattr(dataset, "datasets"):
-        parts = {mask_coverage(d) for d in dataset.datasets}
-        return parts.pop() if len(parts) == 1 else "some"
+        parts = [mask_coverage(d) for d in dataset.datasets]
+        states = {part.state for part in parts}
+        first_missing = next((part.first_missing for part in parts if part.first_missing), None)
+        return MaskCoverage(states.pop() if len(states) == 1 else "some", first_missing)
     if hasattr(dataset, "dataset") and hasattr(dataset, "indices"):
         return mask_coverage(dataset.dataset)
     if len(dataset) == 0:
-        return "none"
-    return "all" if dataset[0].get("instance_map") is not None else "none"
+        return MaskCoverage("none")
+    sample = dataset[0]
+    if sample.get("instance_map") is not None:
+        return MaskCoverage("all")
+    return MaskCoverage("none", str((sample.get("meta") or {}).get("name", "image 0")))
 
 
 def require_training_masks(cfg: DictConfig, datamodule: Any) -> None:
@@ -48,7 +63,7 @@ def require_training_masks(cfg: DictConfig, datamodule: Any) -> None:
     train = datamodule.datasets.get("train") if hasattr(datamodule, "datasets") else None
     if train is None:
         return
-    coverage = mask_coverage(train)
+    coverage = mask_coverage(train).state
     if coverage == "none":
         raise ConfigError(f"key 'mask_loss.enabled': the training images of data.name={cfg.data.name!r} carry "
                           f"no instance masks; generate masks (`crowdseg masks`) and point the data config at "

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-from crowdseg.errors import CrowdsegError, DataError
+from crowdseg.errors import DataError
 
 COLUMNS = ("val/mae", "val/iou_c", "test/mae", "test/iou_c")  # shown when some run has them
 PLOTTED = ("mae", "iou_c")
@@ -211,6 +211,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
+    """Entry point of `crowdseg report`; a bad run directory raises `CrowdsegError` for `crowdseg.cli`."""
     parser = argparse.ArgumentParser(prog="crowdseg report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="*", help="run directories, or folders holding them")
     parser.add_argument("--wandb", default=None, metavar="ENTITY/PROJECT", help="read the runs of a wandb project")
@@ -219,17 +220,13 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if bool(args.runs) == bool(args.wandb):
         parser.error("give run directories or --wandb ENTITY/PROJECT")
-    try:
-        facts = wandb_facts(args.wandb) if args.wandb else [run_facts(p) for p in find_runs(args.runs)]
-        rows = summarise(facts)
-        print(format_table(rows))
-        print(f"plot: {plot(rows, Path(args.out))}")
-        if args.json:
-            from crowdseg.io import write_json_atomic
-            write_json_atomic(args.json, rows)
-    except CrowdsegError as err:
-        print(f"crowdseg report: error: {err}")
-        return 2
+    facts = wandb_facts(args.wandb) if args.wandb else [run_facts(p) for p in find_runs(args.runs)]
+    rows = summarise(facts)
+    print(format_table(rows))
+    print(f"plot: {plot(rows, Path(args.out))}")
+    if args.json:
+        from crowdseg.io import write_json_atomic
+        write_json_atomic(args.json, rows)
     return 0
 
 

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from crowdseg.config import to_yaml
 from crowdseg.errors import ConfigError
 from crowdseg.io import atomic_path, write_text_atomic
+from datamodules.splits import fraction_tag
 
 LAST = "last.ckpt"
 BEST = "best.ckpt"
@@ -33,16 +34,16 @@ def label_fraction(cfg: DictConfig) -> float:
     return cfg.labels.fraction if cfg.labels.fraction is not None else cfg.data.label_fraction
 
 
-def fraction_tag(cfg: DictConfig) -> str:
+def label_tag(cfg: DictConfig) -> str:
     """"lf10", or "lf11.1" for a list holding 11.1 % of the images (3 significant digits)."""
-    return f"lf{float(f'{label_fraction(cfg):.3g}'):g}"
+    return f"lf{fraction_tag(label_fraction(cfg), digits=3)}"
 
 
 def run_name(cfg: DictConfig) -> str:
     """The configured name, else `<method>-<dataset>-lf<real label %>-s<seed>`."""
     if cfg.run_name:
         return cfg.run_name
-    return f"{cfg.method}-{cfg.data.name}-{fraction_tag(cfg)}-s{cfg.seed}"
+    return f"{cfg.method}-{cfg.data.name}-{label_tag(cfg)}-s{cfg.seed}"
 
 
 def base_run_dir(cfg: DictConfig) -> Path:
@@ -240,7 +241,7 @@ def build_loggers(cfg: DictConfig, path: Path) -> list[Logger]:
     if wb.mode != "disabled":
         loggers.append(WandbLogger(
             project=wb.project, entity=wb.entity, id=wandb_run_id(path), name=path.name,
-            group=f"{cfg.method}-{fraction_tag(cfg)}", tags=list(wb.tags) + [cfg.method, cfg.data.name],
+            group=f"{cfg.method}-{label_tag(cfg)}", tags=list(wb.tags) + [cfg.method, cfg.data.name],
             mode=wb.mode, save_dir=str(path), resume="allow", config=_plain(cfg)))
         # Lightning passes wandb.init(anonymous=None), which wandb answers with a deprecation warning on
         # every run; `_wandb_init` is Lightning's private dict of init kwargs (test_runs_console checks it)

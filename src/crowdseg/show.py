@@ -10,7 +10,7 @@ from tqdm import tqdm
 from crowdseg.data import build_dataset
 from crowdseg.errors import ConfigError
 from crowdseg.runs import run_dir
-from datamodules.show import save_sample_grid
+from crowdseg.vis import save_sample_grid
 
 
 def show(cfg: DictConfig, n: int = 8, out: Optional[str] = None) -> Path:

@@ -1,6 +1,8 @@
-"""Pictures people would rather look at than read: prediction overlays and instance-map colouring."""
+"""Pictures people would rather look at than read: prediction overlays, instance-map colouring (the
+one palette of every picture) and the sample grid of `crowdseg show`."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import cv2
@@ -118,6 +120,54 @@ def save_pictures(run_dir: str | Path, stage: str, pictures: list[tuple[int, np.
     if wandb_logger is not None and pictures:
         wandb_logger.log_image(key=f"{stage}/predictions", images=[p for _, p in pictures], step=step)
     return paths
+
+
+def draw_sample(sample: dict, cell: int = 320, mask_alpha: float = 0.45) -> np.ndarray:
+    """(cell, cell, 3) uint8 RGB: a contract sample's image letterboxed into the cell, its instance
+    masks coloured (`overlay_masks`), boxes in green, points as red dots, its name and count below."""
+    rgb = to_uint8_image(torch.as_tensor(sample["image"]))
+    h, w = rgb.shape[:2]
+    s = cell / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    picture = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    id_map = sample.get("instance_map")
+    if id_map is not None:
+        ids = torch.as_tensor(id_map).cpu().numpy().astype(np.float32)
+        ids = cv2.resize(ids, (nw, nh), interpolation=cv2.INTER_NEAREST).astype(np.int64)
+        picture = overlay_masks(picture, ids, alpha=mask_alpha)
+    canvas = np.full((cell, cell, 3), 24, np.uint8)
+    canvas[:nh, :nw] = picture
+    boxes = sample.get("boxes")
+    if boxes is not None:
+        for b in torch.as_tensor(boxes).cpu().numpy().reshape(-1, 4):
+            if np.isfinite(b).all():
+                p0 = (int(round((b[0] + 0.5) * s - 0.5)), int(round((b[1] + 0.5) * s - 0.5)))
+                p1 = (int(round((b[2] + 0.5) * s - 0.5)), int(round((b[3] + 0.5) * s - 0.5)))
+                cv2.rectangle(canvas, p0, p1, (60, 220, 60), 1)
+    points = torch.as_tensor(sample["points"]).cpu().numpy().reshape(-1, 2)
+    radius = max(1, round(cell / 160))
+    for x, y in points:
+        c = (int(round((x + 0.5) * s - 0.5)), int(round((y + 0.5) * s - 0.5)))
+        cv2.circle(canvas, c, radius + 1, (255, 255, 255), -1)
+        cv2.circle(canvas, c, radius, (230, 30, 30), -1)
+    name = str((sample.get("meta") or {}).get("name", ""))
+    cv2.putText(canvas, f"{name} n={len(points)}"[:40], (4, cell - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
+                (255, 255, 255), 1, cv2.LINE_AA)
+    return canvas
+
+
+def save_sample_grid(samples: list[dict], path: str | Path, ncols: int = 4, cell: int = 320) -> Path:
+    """Draw `samples` (contract dicts) into a grid of `ncols` columns and write it as PNG, atomically."""
+    if not samples:
+        raise ValueError("no samples to draw")
+    ncols = max(1, min(ncols, len(samples)))
+    nrows = math.ceil(len(samples) / ncols)
+    grid = np.full((nrows * cell + (nrows + 1) * 4, ncols * cell + (ncols + 1) * 4, 3), 255, np.uint8)
+    for i, sample in enumerate(samples):
+        r, c = divmod(i, ncols)
+        y, x = 4 + r * (cell + 4), 4 + c * (cell + 4)
+        grid[y:y + cell, x:x + cell] = draw_sample(sample, cell)
+    return save_png(path, grid)
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:

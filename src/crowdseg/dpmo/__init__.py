@@ -2,7 +2,8 @@
 
 See docs/dpmo.md for the algorithm and the choices made where the papers are silent.
 """
-from crowdseg.dpmo.generate import check_dpmo_config, generate_instance_map
+from crowdseg.choices import check_dpmo_config
+from crowdseg.dpmo.generate import generate_instance_map
 from crowdseg.dpmo.nnec import nearest_neighbour_distances, nearest_neighbours, nnec_radii
 from crowdseg.dpmo.prompts import build_prompts, exclusion_mask_prompt
 from crowdseg.dpmo.resolve import claim_pixels, finalize_instances, resolve_overlaps

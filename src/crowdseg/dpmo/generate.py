@@ -27,27 +27,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from crowdseg.dpmo.resolve import OVERLAPS
-from crowdseg.dpmo.scene import EDP_DENSE_PROMPTS, VARIANTS, prepare_scene, scene_instance_map
-from crowdseg.dpmo.select import SELECTIONS
-from crowdseg.errors import ConfigError
+from crowdseg.choices import check_dpmo_config
+from crowdseg.dpmo.scene import prepare_scene, scene_instance_map
 from crowdseg.sam.predictor import BatchedSamPredictor
-
-
-def check_dpmo_config(cfg: Any) -> None:
-    """Raise ConfigError naming the first invalid `dpmo.*` key."""
-    choices = {"variant": VARIANTS, "selection": SELECTIONS, "overlap": OVERLAPS,
-               "edp_dense_prompt": EDP_DENSE_PROMPTS}
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"key 'dpmo.{key}': {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key in ("radius_factor", "r_min", "context_factor", "target_nn_px", "max_scale", "dense_prompt_logit"):
-        if not getattr(cfg, key) > 0:
-            raise ConfigError(f"key 'dpmo.{key}': must be > 0, got {getattr(cfg, key)!r}")
-    if cfg.r_max is not None and cfg.r_max < cfg.r_min:
-        raise ConfigError(f"key 'dpmo.r_max': {cfg.r_max} is smaller than dpmo.r_min {cfg.r_min}")
-    if cfg.num_negatives < 0 or cfg.fallback_radius_factor < 0 or (cfg.tile_overlap is not None and cfg.tile_overlap < 0):
-        raise ConfigError("keys 'dpmo.num_negatives', 'dpmo.fallback_radius_factor', 'dpmo.tile_overlap' must be >= 0")
 
 
 class _Clock:

@@ -26,8 +26,6 @@ import torch
 
 from crowdseg.geometry import point_pixels
 
-OVERLAPS = ("logit", "nearest")
-
 
 def new_canvas(num_pixels: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(priority (P,) float32 = -inf, owner (P,) int32 = 0) for an image of P pixels."""

@@ -34,15 +34,11 @@ from torch import Tensor
 from crowdseg.dpmo.nnec import nearest_neighbour_distances, nearest_neighbours, nnec_radii
 from crowdseg.dpmo.prompts import Prompts, build_prompts, circle_pixels, exclusion_mask_prompt, window_cells_geometry
 from crowdseg.dpmo.resolve import claim_pixels, finalize_instances, new_canvas
-from crowdseg.dpmo.select import SELECTIONS, select_candidates
+from crowdseg.dpmo.select import select_candidates
 from crowdseg.dpmo.tiles import Tile, assign_points, auto_overlap, plan_tiles, tile_scale
 from crowdseg.geometry import point_pixels
 from crowdseg.sam.predictor import ImageEmbedding, resize_to_input
 
-VARIANTS = ("dpmo", "edp_sam")
-EDP_DENSE_PROMPTS = ("selected", "disc")
-# "iou": SAM's own predicted IoU (the RPS default); the others use the NNEC circle (`select_candidates`)
-PROMPT_SELECTIONS = ("iou",) + SELECTIONS
 
 Clock = Callable[[Optional[str]], None]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-SELECTIONS = ("iou_inside", "disc_iou")
+from crowdseg.choices import SELECTIONS
 
 
 def select_candidates(logits: torch.Tensor, iou_pred: torch.Tensor, inside: torch.Tensor, valid: torch.Tensor,

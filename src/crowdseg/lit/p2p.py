@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from crowdseg.choices import MASK_POINTS
 from crowdseg.lit.common import StageHooks, adam_with_backbone_lr, finish_stage, inside_image, log_losses
 from crowdseg.losses.mask_counting import PointMaskLoss
 from crowdseg.losses.p2p import P2PLoss
@@ -18,7 +19,6 @@ from crowdseg.vis import picture_slots, point_overlay, save_pictures
 # Localization is scored at fixed radii (sigma_s = 4 px, sigma_l = 8 px) on every dataset, so the
 # numbers compare across datasets with and without head boxes; size levels are then unknown.
 LOCALIZATION_RADII = (4.0, 8.0)
-MASK_POINTS = ("predicted", "anchors")
 
 
 def _localization_key(key: str) -> bool:

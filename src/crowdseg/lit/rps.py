@@ -63,7 +63,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from crowdseg.errors import ConfigError, DataError
+from crowdseg.choices import TRAIN_POINTS
+from crowdseg.errors import DataError
 from crowdseg.lit.common import StageHooks, inside_image, write_stage_metrics
 from crowdseg.losses.p2p import P2PLoss, hungarian_match
 from crowdseg.metrics.torch_metrics import CountingMetrics, InstanceIoU, LocalizationMetrics, MaskAP
@@ -75,7 +76,6 @@ from crowdseg.rl.reward import match_points_to_instances
 from crowdseg.rl.sam_env import SamEnvironment
 from crowdseg.vis import point_overlay, save_png
 
-TRAIN_POINTS = ("matched", "predicted")
 LOCALIZATION_RADII = (4.0, 8.0)
 STAGES = ("val", "test")
 
@@ -499,24 +499,3 @@ def _masked_mean(values: Tensor, keep: Tensor) -> Tensor:
 def _compute(metric) -> dict[str, float]:
     result = metric.compute()
     return {k: float(v) for k, v in result.items()}
-
-
-# ------------------------------------------------------------------------------------ wiring
-def load_proposer_weights(model: PointPredictor, path: str | Path) -> None:
-    """Load the `model.*` weights of a p2p Lightning checkpoint (`crowdseg fit experiments/p2p/...`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"key 'rps.proposer_ckpt': checkpoint not found: {path} (train the proposer first: "
-                          f"`crowdseg fit experiments/p2p/<dataset>.yaml`)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    except Exception as err:
-        raise ConfigError(f"key 'rps.proposer_ckpt': {path} is not a Lightning checkpoint ({type(err).__name__})") from None
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    if not weights:  # an RPS checkpoint holds the proposer under `proposer.`
-        weights = {k[len("proposer."):]: v for k, v in state.items() if k.startswith("proposer.")}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise ConfigError(f"key 'rps.proposer_ckpt': {path} does not fit the `model:` config ({first})") from None

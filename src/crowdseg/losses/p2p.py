@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from crowdseg.choices import CLS_LOSSES, MATCH_ON
+
 
 @torch.no_grad()
 def hungarian_match(pred_points: torch.Tensor, pred_person_prob: torch.Tensor, gt_points: torch.Tensor,
@@ -29,8 +31,6 @@ def hungarian_match(pred_points: torch.Tensor, pred_person_prob: torch.Tensor, g
             torch.as_tensor(cols[order], dtype=torch.long, device=device))
 
 
-CLS_LOSSES = ("ce", "focal")
-MATCH_ON = ("predicted", "anchors")
 
 
 def focal_classification(logits: torch.Tensor, target: torch.Tensor, eos_coef: float, gamma: float,

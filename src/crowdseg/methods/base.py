@@ -2,8 +2,9 @@
 
 A method is one module `crowdseg/methods/<name>.py` ending in `METHOD = Method(...)`; the registry
 (`crowdseg.methods.METHODS`) lists them and is the only list of method names. Keep the module's
-top-level imports light (dataclasses, omegaconf): models and Lightning modules are imported inside
-`build`, so loading a config never imports torch models.
+top-level imports light (dataclasses, omegaconf, `crowdseg.choices` for the allowed values of a key):
+models and Lightning modules are imported inside `build`, so loading a config imports neither torch
+nor Lightning (tests/test_light_imports.py).
 """
 from __future__ import annotations
 

@@ -176,27 +176,6 @@ def build_model(m: DictConfig):
                          sizes_of_interest=list(m.sizes_of_interest))
 
 
-def load_model_weights(model, path: str | Path) -> None:
-    """Copy the `model.*` weights of a BoxInst checkpoint (Lightning .ckpt) into `model`."""
-    import torch
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"key 'boxinst.init_ckpt': checkpoint not found: {path} (train the BoxInst run first)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # not a checkpoint at all
-        raise ConfigError(f"key 'boxinst.init_ckpt': {path} is not a readable checkpoint ({err})") from None
-    state = checkpoint.get("state_dict", checkpoint)
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    if not weights:
-        raise ConfigError(f"key 'boxinst.init_ckpt': {path} holds no `model.*` weights (not a BoxInst checkpoint)")
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise ConfigError(f"key 'boxinst.init_ckpt': {path} does not fit boxinst.model ({str(err).splitlines()[0]})") from None
-
-
 def _dataset(cfg: DictConfig, split: str, transform, names=None):
     """A split of `data` (the synthetic crowd with its whole-person boxes too)."""
     from crowdseg.data import dataset_options
@@ -283,10 +262,11 @@ def settings(cfg: DictConfig):
 
 def build(cfg: DictConfig, run_dir: Path) -> Job:
     from crowdseg.lit.boxinst import BoxInstModule
+    from crowdseg.methods.weights import load_weights
 
     model = build_model(cfg.boxinst.model)
     if cfg.boxinst.init_ckpt:
-        load_model_weights(model, cfg.boxinst.init_ckpt)
+        load_weights(model, cfg.boxinst.init_ckpt, "boxinst.init_ckpt", hint="train the BoxInst run first")
     datamodule = build_datamodule(cfg)
     s, solver = settings(cfg)
     module = BoxInstModule(model, s, solver, run_dir, cfg.logger.num_pictures, cfg.seed)

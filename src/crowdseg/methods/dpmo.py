@@ -9,6 +9,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
+from crowdseg.choices import MODEL_TYPES, check_dpmo_config
 from crowdseg.errors import ConfigError
 from crowdseg.methods.base import Job, Method
 
@@ -50,8 +51,6 @@ class DpmoConfig:
 
 
 def check_sam(sam: DictConfig) -> None:
-    from crowdseg.sam.build import MODEL_TYPES
-
     if sam.model_type not in MODEL_TYPES:
         raise ConfigError(f"key 'sam.model_type': {sam.model_type!r} is not one of {', '.join(MODEL_TYPES)}")
     if sam.prompt_chunk < 1:
@@ -59,8 +58,6 @@ def check_sam(sam: DictConfig) -> None:
 
 
 def check(cfg: DictConfig) -> None:
-    from crowdseg.dpmo.generate import check_dpmo_config
-
     check_sam(cfg.sam)
     check_dpmo_config(cfg.dpmo)
 

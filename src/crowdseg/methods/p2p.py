@@ -8,6 +8,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
+from crowdseg.choices import CLS_LOSSES, MASK_POINTS, MATCH_ON
 from crowdseg.errors import ConfigError
 from crowdseg.methods.base import Job, Method
 
@@ -54,8 +55,6 @@ class MaskLossConfig:
 
 
 def check_mask_loss(ml: DictConfig) -> None:
-    from crowdseg.lit.p2p import MASK_POINTS
-
     if ml.points not in MASK_POINTS:
         raise ConfigError(f"key 'mask_loss.points': {ml.points!r} is not one of {', '.join(MASK_POINTS)}")
     for key in ("temperature", "one_point_threshold"):
@@ -75,8 +74,6 @@ def check_point_model(m: DictConfig, lo: DictConfig) -> None:
     for key in ("cost_class", "cost_point", "eos_coef", "point_loss_coef", "focal_gamma", "merge_radius"):
         if lo[key] < 0:
             raise ConfigError(f"key 'loss.{key}': must be >= 0, got {lo[key]}")
-    from crowdseg.losses.p2p import CLS_LOSSES, MATCH_ON
-
     for key, choices in (("cls_loss", CLS_LOSSES), ("match_on", MATCH_ON)):
         if lo[key] not in choices:
             raise ConfigError(f"key 'loss.{key}': {lo[key]!r} is not one of {', '.join(choices)}")

@@ -9,6 +9,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
+from crowdseg.choices import PROMPT_SELECTIONS, TRAIN_POINTS, check_dpmo_config
 from crowdseg.errors import ConfigError
 from crowdseg.methods.base import Job, Method
 from crowdseg.methods.dpmo import DpmoConfig, SamConfig, check_sam
@@ -47,12 +48,8 @@ class RpsConfig:
 
 
 def check(cfg: DictConfig) -> None:
-    from crowdseg.dpmo.generate import check_dpmo_config
-    from crowdseg.lit.rps import TRAIN_POINTS
-    from crowdseg.rl.sam_env import ENV_SELECTIONS
-
     r = cfg.rps
-    for key, allowed in (("train_points", TRAIN_POINTS), ("selection", ENV_SELECTIONS), ("warmup_loss", WARMUP_LOSSES)):
+    for key, allowed in (("train_points", TRAIN_POINTS), ("selection", PROMPT_SELECTIONS), ("warmup_loss", WARMUP_LOSSES)):
         if r[key] not in allowed:
             raise ConfigError(f"key 'rps.{key}': {r[key]!r} is not one of {', '.join(allowed)}")
     for key in ("num_candidates", "group_size", "ppo_epochs", "scorer_channels", "scorer_layers"):
@@ -74,8 +71,9 @@ def check(cfg: DictConfig) -> None:
 
 def build(cfg: DictConfig, run_dir: Path) -> Job:
     from crowdseg.data import build_datamodule
-    from crowdseg.lit.rps import CandidateScorer, RPSModule, RpsSettings, load_proposer_weights
+    from crowdseg.lit.rps import CandidateScorer, RPSModule, RpsSettings
     from crowdseg.mask_supervision import mask_coverage
+    from crowdseg.methods.weights import load_weights
     from crowdseg.models.p2p import PointPredictor
     from crowdseg.rl.sam_env import EnvOptions, SamEnvironment
     from crowdseg.sam.build import build_sam_from_config
@@ -83,13 +81,15 @@ def build(cfg: DictConfig, run_dir: Path) -> Job:
 
     r, lo, d = cfg.rps, cfg.loss, cfg.dpmo
     datamodule = build_datamodule(cfg)
-    if mask_coverage(datamodule.datasets["train"]) == "none":
+    if mask_coverage(datamodule.datasets["train"]).state == "none":
         raise ConfigError(f"method 'rps': the training images of data.name={cfg.data.name!r} carry no instance "
                           f"masks, and the reward needs them; generate DPMO masks (`crowdseg masks`) and point "
                           f"the data config at them")
     proposer = build_point_predictor(cfg.model)
     if r.proposer_ckpt:
-        load_proposer_weights(proposer, r.proposer_ckpt)
+        # a p2p run's checkpoint holds the predictor under `model.`, an RPS run's under `proposer.`
+        load_weights(proposer, r.proposer_ckpt, "rps.proposer_ckpt", prefixes=("model.", "proposer."),
+                     hint="train the proposer first: `crowdseg fit experiments/p2p/<dataset>.yaml`")
     scorer = CandidateScorer(cfg.model.fpn_channels, PointPredictor.stride, r.scorer_channels, r.scorer_layers)
     options = EnvOptions(radius_factor=d.radius_factor, r_min=d.r_min, r_max=d.r_max, lone_radius=d.lone_radius,
                          num_negatives=d.num_negatives, box_prompt=d.box_prompt, multimask=d.multimask,

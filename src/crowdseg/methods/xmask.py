@@ -173,19 +173,6 @@ def build_module(cfg: DictConfig, model, run_dir: Optional[Path]):
         eval_teacher=x.eval_teacher, run_dir=run_dir)
 
 
-def first_without_masks(dataset) -> Optional[str]:
-    """Name of the first image of `dataset` that has no instance mask (None: all have one).
-
-    Reads the records (no decoding) of a file dataset; the synthetic crowd always has its masks."""
-    records = getattr(dataset, "records", None)
-    if records is None:
-        return None
-    for r in records:
-        if r.mask_path is None and not r.polygons:
-            return r.name
-    return None
-
-
 def reaches_phase2(cfg: DictConfig) -> bool:
     """Whether the run's budget (trainer.max_epochs / max_steps) goes past phase 1 (masks needed)."""
     x, t = cfg.xmask, cfg.trainer
@@ -198,6 +185,7 @@ def build_datamodule(cfg: DictConfig):
     """Labeled (points + masks, training crops) and, with `xmask.semi`, unlabeled (two views) training
     sets of the run's label split (crowdseg.data.plan_split), val and test (whole images)."""
     from crowdseg.data import build_dataset, build_eval_datasets, plan_split
+    from crowdseg.mask_supervision import mask_coverage
     from datamodules.crowd import CrowdDataModule
     from datamodules.semi import SemiSupervisedDataModule
     from datamodules.transforms import TwoViewTransform
@@ -206,7 +194,7 @@ def build_datamodule(cfg: DictConfig):
     split = plan_split(cfg)
     evals = build_eval_datasets(cfg, split)
     labeled = build_dataset(cfg, data.train_split, train=True, names=split.labeled)
-    missing = first_without_masks(labeled) if reaches_phase2(cfg) else None
+    missing = mask_coverage(labeled).first_missing if reaches_phase2(cfg) else None
     if missing is not None:
         raise DataError(f"xmask phases 2-3 train on instance masks of the labeled images, and {missing} has none: "
                         f"set data.masks_dir to its id maps (e.g. from `crowdseg masks`), or keep the run in phase 1")

@@ -12,12 +12,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from crowdseg.errors import CrowdsegError, DataError
+from crowdseg.errors import DataError
 from crowdseg.metrics.counting import counting_errors
 from crowdseg.metrics.localization import LocalizationCounts, localization_counts, localization_summary
 from crowdseg.metrics.nwpu import read_gt_file, read_pred_file
@@ -108,20 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of `crowdseg eval-loc`; returns the exit code (2 on a bad input file)."""
+def main(argv: list[str]) -> int:
+    """Entry point of `crowdseg eval-loc`; a bad input file raises `DataError`, which `crowdseg.cli` reports."""
     args = build_parser().parse_args(argv)
-    try:
-        report = evaluate_localization_files(args.gt, args.pred, progress=not args.json, matching=args.matching)
-    except CrowdsegError as exc:
-        print(f"crowdseg eval-loc: error: {exc}", file=sys.stderr)
-        return 2
+    report = evaluate_localization_files(args.gt, args.pred, progress=not args.json, matching=args.matching)
     if args.json:
         print(json.dumps(report))
     else:
         print_report(report, title=f"{os.path.basename(args.pred)} vs {os.path.basename(args.gt)}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -31,13 +31,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crowdseg.dpmo.resolve import OVERLAPS
-from crowdseg.dpmo.scene import (EDP_DENSE_PROMPTS, PROMPT_SELECTIONS, VARIANTS, PromptMasks, Scene, decode_prompts,
-                                 prepare_scene, scene_instance_map, tile_embedding)
+from crowdseg.choices import EDP_DENSE_PROMPTS, OVERLAPS, PROMPT_SELECTIONS, VARIANTS
+from crowdseg.dpmo.scene import (PromptMasks, Scene, decode_prompts, prepare_scene, scene_instance_map,
+                                 tile_embedding)
 from crowdseg.rl.reward import candidate_rewards
 from crowdseg.sam.predictor import BatchedSamPredictor, ImageEmbedding
-
-ENV_SELECTIONS = PROMPT_SELECTIONS
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,7 @@ class EnvOptions:
     dense_prompt_logit: float = 8.0
 
     def __post_init__(self) -> None:
-        for key, allowed in (("selection", ENV_SELECTIONS), ("overlap", OVERLAPS), ("variant", VARIANTS),
+        for key, allowed in (("selection", PROMPT_SELECTIONS), ("overlap", OVERLAPS), ("variant", VARIANTS),
                              ("edp_dense_prompt", EDP_DENSE_PROMPTS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")

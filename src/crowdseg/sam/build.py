@@ -27,10 +27,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from crowdseg.choices import MODEL_TYPES
 from crowdseg.errors import ConfigError
-
-SAM_TYPES = ("vit_b", "vit_l", "vit_h")
-MODEL_TYPES = SAM_TYPES + ("vit_t", "tiny")
 
 _SAM_URL = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
 CHECKPOINT_SOURCES = {
