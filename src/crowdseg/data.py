@@ -65,12 +65,6 @@ class LabelSplit:
         return used
 
 
-def optim_settings(cfg: DictConfig) -> dict[str, float]:
-    """The plain optimizer values a counting LightningModule takes (lit/common.adam_with_backbone_lr)."""
-    keys = ("lr", "backbone_lr", "weight_decay", "step_size", "gamma", "schedule", "warmup_steps")
-    return {**{k: cfg.optim[k] for k in keys}, "total_steps": cfg.trainer.max_steps}
-
-
 def train_transform(cfg: DictConfig) -> TrainTransform:
     data = cfg.data
     return TrainTransform(crop_size=data.crop_size, scale_range=tuple(data.scale_range), hflip=data.hflip,
@@ -236,5 +230,5 @@ def build_datamodule(cfg: DictConfig) -> CrowdDataModule:
     return datamodule
 
 
-__all__ = ["LabelSplit", "plan_split", "build_datamodule", "build_dataset", "build_eval_datasets", "optim_settings",
+__all__ = ["LabelSplit", "plan_split", "build_datamodule", "build_dataset", "build_eval_datasets",
            "with_label_record", "write_split_files", "split_names", "train_transform", "dataset_options"]
