@@ -228,28 +228,29 @@ class BoxInstModule(StageHooks, L.LightningModule):
         return finish_stage(self, stage, metrics, self.run_dir, keep=lambda key: "mask_ar" not in key)
 
     def predict_step(self, batch, batch_idx):
+        threshold = self.settings.inference.overlap_score_threshold
         out = []
         for meta, p in zip(batch["meta"], self.predict_instances(batch)):
-            out.append({"name": meta.get("name"), "instance_map": instance_map(p["masks"], p["scores"],
-                                                                              self.settings.inference.overlap_score_threshold).cpu(),
+            out.append({"name": meta.get("name"), "instance_map": instance_map(p["masks"], p["scores"], threshold).cpu(),
                         "scores": p["scores"].cpu(), "boxes": p["boxes"].cpu()})
         return out
 
     def _save_pictures(self, stage: str, batch, batch_idx: int, predictions) -> None:
         if self.run_dir is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
+        threshold = self.settings.inference.overlap_score_threshold
         pictures = []
         for i, number in picture_slots(batch_idx, len(batch["image"]), self.num_pictures):
             p = predictions[i]
-            ids = instance_map(p["masks"], p["scores"], self.settings.inference.overlap_score_threshold).cpu().numpy()
+            ids = instance_map(p["masks"], p["scores"], threshold).cpu().numpy()
             h, w = batch["image_size"][i].tolist()
             image = to_uint8_image(batch["image"][i, :, :h, :w])
             if image.shape[:2] != ids.shape:
                 import cv2
                 image = cv2.resize(image, (ids.shape[1], ids.shape[0]), interpolation=cv2.INTER_LINEAR)
-            kept = int((p["scores"] >= self.settings.inference.overlap_score_threshold).sum())
-            pictures.append((number, with_caption(enlarge(overlay_masks(image, ids))[0], f"{kept} masks (score >= "
-                                                  f"{self.settings.inference.overlap_score_threshold:g})")))
+            kept = int((p["scores"] >= threshold).sum())
+            pictures.append((number, with_caption(enlarge(overlay_masks(image, ids))[0],
+                                                  f"{kept} masks (score >= {threshold:g})")))
         save_pictures(self.run_dir, stage, pictures, self.loggers, self.global_step)
 
     # -------------------------------------------------------------------------------- optimizer
