@@ -41,9 +41,12 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from crowdseg.config.schema import OptimConfig  # noqa: E402
 from crowdseg.io import write_json_atomic  # noqa: E402
-from crowdseg.lit.rps import RpsSettings, RPSModule  # noqa: E402
+from crowdseg.lit.rps import RPSModule  # noqa: E402
 from crowdseg.losses.p2p import P2PLoss  # noqa: E402
+from crowdseg.methods.p2p import PointLossConfig  # noqa: E402
+from crowdseg.methods.rps import RpsConfig  # noqa: E402
 from crowdseg.models.backbone import create_backbone  # noqa: E402
 from crowdseg.models.p2p import PointPredictor  # noqa: E402
 from crowdseg.rl.candidates import sample_candidates  # noqa: E402
@@ -146,8 +149,9 @@ def time_steps(args, device) -> dict:
     batch["instance_map"] = [m.to(device) for m in batch["instance_map"]]
 
     environment = SamEnvironment(predictor, EnvOptions(tile=False))
-    settings = RpsSettings(num_candidates=args.candidates, group_size=args.group, ppo_epochs=args.ppo_epochs)
-    module = RPSModule(proposer, scorer, environment, settings, {}).to(device)
+    settings = RpsConfig(num_candidates=args.candidates, group_size=args.group, ppo_epochs=args.ppo_epochs)
+    module = RPSModule(proposer, scorer, environment, settings, PointLossConfig.score_threshold, seed=0,
+                       optim=OptimConfig(), total_steps=-1).to(device)  # the optimizer below is the benchmark's own
     module.proposer.eval()
     grpo_clock = Clock(device)
     grpo_clock.wrap(predictor, "encode", "sam_encode")

@@ -41,19 +41,20 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from crowdseg.config.schema import OptimConfig  # noqa: E402
 from crowdseg.io import write_json_atomic  # noqa: E402
 from crowdseg.lit.xmask import XMaskModule  # noqa: E402
 from crowdseg.models.backbone import create_backbone  # noqa: E402
 from crowdseg.models.xmask import XMaskNet  # noqa: E402
 from crowdseg.xmask.discs import disc_pixel_pairs, gaussian_smooth, nn_radii  # noqa: E402
 from crowdseg.xmask.pseudo_masks import PseudoMaskSettings, pseudo_instance_map  # noqa: E402
-from crowdseg.xmask.schedule import PhaseSchedule  # noqa: E402
+from crowdseg.xmask.schedule import PhaseSchedule, default_phase_lrs  # noqa: E402
 from datamodules.synthetic import SyntheticCrowd, SyntheticSpec  # noqa: E402
 from datamodules.transforms import TrainTransform, TwoViewTransform, collate_two_views  # noqa: E402
 from datamodules.types import collate_samples  # noqa: E402
 
-OPTIM = {"lr": 1e-4, "backbone_lr": 1e-5, "weight_decay": 1e-4, "step_size": 10 ** 6, "gamma": 1.0,
-         "phase2_lr": 1e-4, "phase3_lr": 1e-4}
+OPTIM = OptimConfig(lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4, step_size=10 ** 6, gamma=1.0)
+PHASE_LRS = default_phase_lrs(OPTIM.lr, OPTIM.backbone_lr, phase2_lr=1e-4, phase3_lr=1e-4)
 PARTS = ("teacher_forward", "pseudo_masks", "student_sup", "student_semi", "backward_step")
 
 
@@ -86,7 +87,7 @@ def make_module(args, phase: int, semi: bool, device) -> XMaskModule:
             out.bias[4:] += args.decoder_bias / 2
     ends = {1: (10 ** 6, 10 ** 6), 2: (0, 10 ** 6), 3: (0, 0)}[phase]
     schedule = PhaseSchedule(unit="step", phase1_end=ends[0], phase2_end=ends[1], semi_warmup=-1, ramp_rate=1.0)
-    module = XMaskModule(net, schedule, OPTIM, semi=semi, eval_teacher=False).to(device)
+    module = XMaskModule(net, schedule, OPTIM, PHASE_LRS, total_steps=-1, semi=semi, eval_teacher=False).to(device)
     module.train()
     module._phase = phase
     module._frozen_modules_to_eval()
@@ -122,7 +123,7 @@ def bench_steps(args, device) -> list[dict]:
         module = make_module(args, phase, semi, device)
         optimizer = module.configure_optimizers()
         for group in optimizer.param_groups:
-            group["lr"] = module.learning_rates(phase, 0)[group["name"]]
+            group["lr"] = module.learning_rates(phase, 0, 0)[group["name"]]
         time_step(module, optimizer, batch, device)  # warm-up
         runs = [time_step(module, optimizer, batch, device) for _ in range(args.repeats)]
         row = {"step": name, **{k: statistics.median(r[k] for r in runs) for k in runs[0]}}

@@ -42,7 +42,7 @@ def test_bad_decay():
 
 
 def test_warmup_cosine_by_hand():
-    from crowdseg.lit.common import warmup_cosine
+    from crowdseg.optim import warmup_cosine
 
     assert [warmup_cosine(s, 4, 14) for s in (0, 3)] == pytest.approx([0.2, 0.8])
     assert [warmup_cosine(s, 4, 14) for s in (4, 9, 14, 20)] == pytest.approx([1.0, 0.5, 0.0, 0.0])

@@ -1,4 +1,4 @@
-"""BoxInst LightningModule and method module: proposal sampling, schedule, a fast_dev_run on the
+"""BoxInst LightningModule and method module: proposal sampling, a fast_dev_run on the
 synthetic crowd through the real experiment config, the fine-tune (init_ckpt) and its resume."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from crowdseg.config.load import load_config
 from crowdseg.errors import ConfigError
-from crowdseg.lit.boxinst import filled_boxes, instance_map, lr_schedule, select_proposals
+from crowdseg.lit.boxinst import filled_boxes, instance_map, select_proposals
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "boxinst"
 
@@ -39,12 +39,6 @@ def test_select_proposals_splits_topk_over_the_gts_of_each_image():
     # at least one per GT even when topk < number of GTs
     assert select_proposals(scores, image, gt, 2, 1).tolist() == [0, 3, 4]
     assert select_proposals(scores, image, gt, 2, 0).tolist() == list(range(7))
-
-
-def test_lr_schedule_warmup_and_steps():
-    f = lr_schedule(warmup_steps=10, warmup_factor=0.1, milestones=[20, 30], gamma=0.1)
-    assert f(0) == pytest.approx(0.1) and f(5) == pytest.approx(0.55) and f(10) == 1.0
-    assert f(20) == pytest.approx(0.1) and f(35) == pytest.approx(0.01)
 
 
 def test_filled_boxes_and_instance_map():

@@ -80,6 +80,7 @@ def test_ema_weights_are_evaluated_and_checkpointed(tmp_path):
     import lightning as L
     from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
+    from crowdseg.config.schema import OptimConfig
     from crowdseg.lit.p2p import PointPredictorModule
 
     class Recording(PointPredictorModule):
@@ -91,8 +92,8 @@ def test_ema_weights_are_evaluated_and_checkpointed(tmp_path):
             return super().validation_step(batch, batch_idx)
 
     torch.manual_seed(0)
-    optim = {"lr": 1e-2, "backbone_lr": 1e-2, "weight_decay": 0.0, "step_size": 100, "gamma": 0.1}
-    module = Recording(_small(cls_prior=0.01), P2PLoss(), optim)
+    optim = OptimConfig(lr=1e-2, backbone_lr=1e-2, weight_decay=0.0, step_size=100, gamma=0.1)
+    module = Recording(_small(cls_prior=0.01), P2PLoss(), optim, total_steps=4)
     ema = EMAWeightAveraging(decay=0.5)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import torch
 
+from crowdseg.config.schema import OptimConfig
 from crowdseg.lit.xmask import XMaskModule
 from crowdseg.models.backbone import create_backbone
 from crowdseg.models.xmask import XMaskNet
-from crowdseg.xmask.schedule import PhaseSchedule
+from crowdseg.xmask.schedule import PhaseSchedule, default_phase_lrs
 from datamodules.semi import SemiSupervisedDataModule
 from datamodules.synthetic import SyntheticCrowd, SyntheticSpec
 from datamodules.transforms import TrainTransform, TwoViewTransform
 
-OPTIM = {"lr": 1e-3, "backbone_lr": 1e-4, "weight_decay": 1e-4, "step_size": 1000, "gamma": 0.9,
-         "phase2_lr": 1e-3, "phase3_lr": 1e-3}
+OPTIM = OptimConfig(lr=1e-3, backbone_lr=1e-4, weight_decay=1e-4, step_size=1000, gamma=0.9)
+PHASE_LRS = default_phase_lrs(OPTIM.lr, OPTIM.backbone_lr, phase2_lr=1e-3, phase3_lr=1e-3)
 
 
 def tiny_net(seed: int = 0) -> XMaskNet:
@@ -26,7 +27,7 @@ def tiny_module(unit="step", phase1_end=1, phase2_end=2, semi_warmup=-1, ramp_ra
     # semi_warmup -1 with ramp 1: the unlabeled branch has weight 1 from the first step of each phase
     schedule = PhaseSchedule(unit=unit, phase1_end=phase1_end, phase2_end=phase2_end, semi_warmup=semi_warmup,
                              ramp_rate=ramp_rate)
-    return XMaskModule(tiny_net(seed), schedule, OPTIM, semi=semi, **kwargs)
+    return XMaskModule(tiny_net(seed), schedule, OPTIM, PHASE_LRS, total_steps=-1, semi=semi, **kwargs)
 
 
 def tiny_datamodule(num_train=6, labeled=2, size=64, batch=2, seed=0) -> SemiSupervisedDataModule:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from crowdseg.errors import ConfigError, DataError
+from crowdseg.errors import DataError
 from datamodules.crowd import CrowdDataModule
 from datamodules.dataset import build_dataset as _build_dataset
 from datamodules.dataset import list_names
@@ -63,12 +63,6 @@ class LabelSplit:
         if used.labeled != self.labeled and not self.source.startswith("list "):  # a list file keeps its own hash
             used = replace(used, labeled_sha256=hashlib.sha256(used.labeled_text().encode()).hexdigest())
         return used
-
-
-def optim_settings(cfg: DictConfig) -> dict[str, float]:
-    """The plain optimizer values a counting LightningModule takes (lit/common.adam_with_backbone_lr)."""
-    keys = ("lr", "backbone_lr", "weight_decay", "step_size", "gamma", "schedule", "warmup_steps")
-    return {**{k: cfg.optim[k] for k in keys}, "total_steps": cfg.trainer.max_steps}
 
 
 def train_transform(cfg: DictConfig) -> TrainTransform:
@@ -236,5 +230,5 @@ def build_datamodule(cfg: DictConfig) -> CrowdDataModule:
     return datamodule
 
 
-__all__ = ["LabelSplit", "plan_split", "build_datamodule", "build_dataset", "build_eval_datasets", "optim_settings",
+__all__ = ["LabelSplit", "plan_split", "build_datamodule", "build_dataset", "build_eval_datasets",
            "with_label_record", "write_split_files", "split_names", "train_transform", "dataset_options"]

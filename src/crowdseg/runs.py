@@ -179,8 +179,8 @@ def check_checkpoint(path: str | Path, resuming: bool = False) -> Path:
     the `last.ckpt` a `fit` resumes from, which the user never named: then the way out)."""
     path = Path(path)
     where = "" if resuming else "key 'ckpt_path': "
-    way_out = (f"; the run cannot resume from it: delete it to train this run from its start, or rerun with "
-               f"run_name=<a new name>") if resuming else ""
+    way_out = ("; the run cannot resume from it: delete it to train this run from its start, or rerun with "
+               "run_name=<a new name>") if resuming else ""
     if not path.is_file():
         raise ConfigError(f"{where}checkpoint not found: {path}")
     try:

@@ -270,8 +270,6 @@ def _check_shared_values(cfg: DictConfig) -> None:
         raise ConfigError(f"key 'data.hflip': must be a probability in [0, 1], got {data.hflip}")
     if cfg.optim.schedule not in ("step", "cosine"):
         raise ConfigError(f"key 'optim.schedule': {cfg.optim.schedule!r} is not one of step, cosine")
-    if cfg.optim.schedule == "cosine" and cfg.method not in ("p2p", "density"):
-        raise ConfigError(f"key 'optim.schedule': cosine is implemented for p2p and density, not {cfg.method}")
     if cfg.optim.schedule == "cosine" and cfg.trainer.max_steps < 1:
         raise ConfigError("key 'optim.schedule': cosine decays over trainer.max_steps; set it (>= 1)")
     if cfg.optim.warmup_steps < 0:

@@ -64,14 +64,16 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    """Rates, weight decay and schedule of every method (crowdseg/optim.py builds them)."""
     lr: float = 1e-4
     backbone_lr: Optional[float] = None  # None: lr x backbone_lr_scale, so changing `lr` moves both
     backbone_lr_scale: float = 0.1       # the backbone's rate relative to `lr` when backbone_lr is not set
     weight_decay: float = 1e-4
     grad_clip: Optional[float] = 0.1
-    step_size: int = 3500             # StepLR step in epochs
+    step_size: int = 3500             # StepLR step in epochs (boxinst decays at boxinst.solver.milestones instead)
     gamma: float = 0.1
-    schedule: str = "step"            # step: StepLR(step_size, gamma) per epoch (the papers') | cosine: per step
+    schedule: str = "step"            # step: StepLR(step_size, gamma) per epoch (the papers') | cosine: per step,
+                                      # to 0 at trainer.max_steps; every method
     warmup_steps: int = 0             # cosine only: linear warm-up steps
     ema_decay: Optional[float] = None  # e.g. 0.99: validate, select and checkpoint an EMA of the weights (warm-up)
 

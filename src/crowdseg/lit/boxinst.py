@@ -13,63 +13,26 @@ and the summed overlap degree of the predicted masks with score >= `overlap_scor
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import lightning as L
 import torch
 from torch import nn
 
+from crowdseg.config.schema import OptimConfig
 from crowdseg.lit.common import StageHooks, finish_stage, log_losses
 from crowdseg.losses.boxinst import (box_masks, color_similarity, image_lab, image_valid_masks, overlap_loss,
                                      pairwise_loss, projection_loss, sample_one_per_group, warmup_factor)
-from crowdseg.losses.fcos import DEFAULT_SIZES_OF_INTEREST, fcos_losses, fcos_targets
+from crowdseg.losses.fcos import fcos_losses, fcos_targets
 from crowdseg.metrics.detection import BoxAP, MaskOverlap
 from crowdseg.metrics.torch_metrics import MaskAP
 from crowdseg.models.boxinst import BoxInst, pad_to, postprocess, predict_masks
+from crowdseg.optim import build_optimizer, heads_and_backbone, heads_and_backbone_rates
 from crowdseg.vis import enlarge, overlay_masks, picture_slots, save_pictures, to_uint8_image, with_caption
 
-
-@dataclass
-class BoxInstSettings:
-    """Plain values of the losses, proposal sampling and inference (see the module docstring)."""
-    box_key: str = "boxes"                 # the batch key of the training boxes (e.g. "full_boxes")
-    center_radius: float = 1.5
-    sizes_of_interest: Sequence[float] = DEFAULT_SIZES_OF_INTEREST
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    topk_proposals_per_image: int = 64
-    projection_weight: float = 1.0
-    pairwise_weight: float = 1.0
-    pairwise_threshold: float = 0.3
-    pairwise_dilation: int = 2
-    pairwise_warmup: int = 10000
-    bottom_pixels_removed: float = 0.0
-    overlap_weight: float = 0.0            # lambda of OverlapLoss (2 crowds, 1 COCO; 0 = off)
-    overlap_normalization: str = "instances"
-    score_threshold: float = 0.05
-    pre_nms_topk: int = 1000
-    nms_threshold: float = 0.6
-    max_detections: int = 100
-    mask_threshold: float = 0.5
-    paste_chunk: int = 32
-    overlap_score_threshold: float = 0.3   # detections counted by the overlap metric
-    box_masks: bool = False                # the box baseline: every detected box filled as its mask
-
-
-@dataclass
-class SolverSettings:
-    """SGD (momentum) or AdamW with a linear warm-up and step decays at `milestones` (in steps)."""
-    lr: float = 0.01
-    backbone_lr: Optional[float] = None    # None: `lr`
-    weight_decay: float = 1e-4
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    milestones: Sequence[int] = field(default_factory=list)
-    gamma: float = 0.1
-    warmup_steps: int = 1000
-    warmup_factor: float = 0.001
+if TYPE_CHECKING:  # pragma: no cover
+    from crowdseg.methods.boxinst import BoxInstConfig
 
 
 def select_proposals(scores: torch.Tensor, image_index: torch.Tensor, gt_index: torch.Tensor, num_images: int,
@@ -103,17 +66,20 @@ class BoxInstModule(StageHooks, L.LightningModule):
     boxfill_mask_ap,boxfill_mask_ap50,...,box_ap,box_ap50,box_ap75,overlap,overlapping,detections}``
     for val and test (``boxfill_*``: the box baseline, each detected box filled as its mask); writes
     ``<run_dir>/metrics/<stage>.json`` and overlays to ``<run_dir>/pictures/``.
+
+    settings: the `boxinst` config section (its `loss`, `inference` and `solver` are read here; FCOS's
+    sizes of interest are the model's); optim, total_steps: the `optim` section and trainer.max_steps.
+    Optimizer (`crowdseg.optim.build_optimizer`): `solver.optimizer` over the trainable parameters,
+    groups "heads" (`optim.lr`) and "backbone" (`optim.backbone_lr`); `optim.schedule` step is
+    detectron2's warm-up + decays at `solver.milestones` (per step), cosine the shared one.
     """
 
     monitor = ("val/mask_ap", "max")
 
-    def __init__(self, model: BoxInst, settings: Optional[BoxInstSettings] = None,
-                 solver: Optional[SolverSettings] = None, run_dir: Optional[Path] = None, num_pictures: int = 4,
-                 seed: int = 0):
+    def __init__(self, model: BoxInst, settings: "BoxInstConfig", optim: OptimConfig, total_steps: int,
+                 run_dir: Optional[Path] = None, num_pictures: int = 4, seed: int = 0):
         super().__init__()
-        self.model = model
-        self.settings = settings if settings is not None else BoxInstSettings()
-        self.solver = solver if solver is not None else SolverSettings()
+        self.model, self.settings, self.optim, self.total_steps = model, settings, optim, total_steps
         self.run_dir, self.num_pictures, self.seed = run_dir, num_pictures, seed
         self.mask_ap = nn.ModuleDict({s: MaskAP() for s in ("val", "test")})
         self.boxfill_ap = nn.ModuleDict({s: BoxFillMaskAP() for s in ("val", "test")})
@@ -126,9 +92,10 @@ class BoxInstModule(StageHooks, L.LightningModule):
     # ---------------------------------------------------------------------------------- training
     def _boxes(self, batch: dict[str, Any], key: Optional[str] = None) -> list[torch.Tensor]:
         """The training boxes of every image, clipped to the image."""
-        boxes = batch.get(key or self.settings.box_key)
+        key = key or self.settings.loss.box_key
+        boxes = batch.get(key)
         if boxes is None:
-            raise KeyError(f"the batch has no {key or self.settings.box_key!r} (boxinst.loss.box_key)")
+            raise KeyError(f"the batch has no {key!r} (boxinst.loss.box_key)")
         out = []
         for b, (h, w) in zip(boxes, batch["image_size"].tolist()):
             b = b.to(self.device).float().reshape(-1, 4).clone()
@@ -148,13 +115,13 @@ class BoxInstModule(StageHooks, L.LightningModule):
         return torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(self.global_step) * 101 + self.global_rank)
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        s = self.settings
+        s = self.settings.loss
         images = pad_to(batch["image"])
         outputs = self.model(images)
         boxes = self._boxes(batch)
         ignore = batch.get("ignore_boxes")
         targets = [fcos_targets(outputs["locations"], outputs["levels"], self.model.strides, b, None,
-                                ignore[i].to(self.device) if ignore is not None else None, s.sizes_of_interest,
+                                ignore[i].to(self.device) if ignore is not None else None, self.model.sizes_of_interest,
                                 s.center_radius) for i, b in enumerate(boxes)]
         labels = torch.stack([t.labels for t in targets])
         losses = fcos_losses(outputs["cls_logits"], outputs["box_ltrb"], outputs["ctrness"], outputs["locations"],
@@ -207,7 +174,7 @@ class BoxInstModule(StageHooks, L.LightningModule):
     def predict_instances(self, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
         """Per image: {"masks" (K, H, W) bool at the original size, "scores" (K,), "boxes" (K, 4) in
         original pixels, "labels" (K,), "locations" (K,)}, best score first."""
-        s = self.settings
+        s = self.settings.inference
         images = pad_to(batch["image"])
         outputs = self.model(images)
         sizes = batch["image_size"].to(self.device)
@@ -241,19 +208,19 @@ class BoxInstModule(StageHooks, L.LightningModule):
         return [m[:h, :w].to(self.device) for m, (h, w) in zip(batch["instance_map"], batch["image_size"].tolist())]
 
     def _eval_step(self, stage: str, batch: dict[str, Any], batch_idx: int) -> None:
-        s = self.settings
+        box_key, threshold = self.settings.loss.box_key, self.settings.inference.overlap_score_threshold
         predictions = self.predict_instances(batch)
         targets = self._targets(batch)
         self.mask_ap[stage].update([{"masks": p["masks"], "scores": p["scores"]} for p in predictions],
                                    [{"instance_map": t} for t in targets])
         self.boxfill_ap[stage].update([{"masks": filled_boxes(p["boxes"], tuple(t.shape[-2:])), "scores": p["scores"]}
                                        for p, t in zip(predictions, targets)], [{"instance_map": t} for t in targets])
-        gt_boxes = batch.get(s.box_key) if batch.get(s.box_key) is not None else batch.get("boxes")
+        gt_boxes = batch.get(box_key) if batch.get(box_key) is not None else batch.get("boxes")
         if gt_boxes is not None:
             scale = [float(m.get("scale", 1.0)) for m in batch["meta"]]
             self.box_ap[stage].update([p["boxes"] for p in predictions], [p["scores"] for p in predictions],
                                       [g.to(self.device).float() / sc for g, sc in zip(gt_boxes, scale)])
-        self.overlap[stage].update([p["masks"][p["scores"] >= s.overlap_score_threshold] for p in predictions])
+        self.overlap[stage].update([p["masks"][p["scores"] >= threshold] for p in predictions])
         self._save_pictures(stage, batch, batch_idx, predictions)
 
     def _end_stage(self, stage: str) -> dict[str, float]:
@@ -261,63 +228,37 @@ class BoxInstModule(StageHooks, L.LightningModule):
         return finish_stage(self, stage, metrics, self.run_dir, keep=lambda key: "mask_ar" not in key)
 
     def predict_step(self, batch, batch_idx):
+        threshold = self.settings.inference.overlap_score_threshold
         out = []
         for meta, p in zip(batch["meta"], self.predict_instances(batch)):
-            out.append({"name": meta.get("name"), "instance_map": instance_map(p["masks"], p["scores"],
-                                                                              self.settings.overlap_score_threshold).cpu(),
+            out.append({"name": meta.get("name"), "instance_map": instance_map(p["masks"], p["scores"], threshold).cpu(),
                         "scores": p["scores"].cpu(), "boxes": p["boxes"].cpu()})
         return out
 
     def _save_pictures(self, stage: str, batch, batch_idx: int, predictions) -> None:
         if self.run_dir is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
+        threshold = self.settings.inference.overlap_score_threshold
         pictures = []
         for i, number in picture_slots(batch_idx, len(batch["image"]), self.num_pictures):
             p = predictions[i]
-            ids = instance_map(p["masks"], p["scores"], self.settings.overlap_score_threshold).cpu().numpy()
+            ids = instance_map(p["masks"], p["scores"], threshold).cpu().numpy()
             h, w = batch["image_size"][i].tolist()
             image = to_uint8_image(batch["image"][i, :, :h, :w])
             if image.shape[:2] != ids.shape:
                 import cv2
                 image = cv2.resize(image, (ids.shape[1], ids.shape[0]), interpolation=cv2.INTER_LINEAR)
-            kept = int((p["scores"] >= self.settings.overlap_score_threshold).sum())
-            pictures.append((number, with_caption(enlarge(overlay_masks(image, ids))[0], f"{kept} masks (score >= "
-                                                  f"{self.settings.overlap_score_threshold:g})")))
+            kept = int((p["scores"] >= threshold).sum())
+            pictures.append((number, with_caption(enlarge(overlay_masks(image, ids))[0],
+                                                  f"{kept} masks (score >= {threshold:g})")))
         save_pictures(self.run_dir, stage, pictures, self.loggers, self.global_step)
 
     # -------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self):
-        o = self.solver
-        backbone_ids = {id(p) for p in self.model.backbone.parameters()}
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if id(p) not in backbone_ids], "lr": o.lr},
-                  {"params": [p for p in params if id(p) in backbone_ids],
-                   "lr": o.lr if o.backbone_lr is None else o.backbone_lr}]
-        if o.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        elif o.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
-        else:
-            raise ValueError(f"optimizer must be sgd or adamw, got {o.optimizer!r}")
-        schedule = lr_schedule(o.warmup_steps, o.warmup_factor, list(o.milestones), o.gamma)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class lr_schedule:
-    """Step -> learning-rate factor: linear warm-up from `warmup_factor` over `warmup_steps`, times
-    gamma ** (number of milestones passed). A class (not a lambda) so the scheduler pickles."""
-
-    def __init__(self, warmup_steps: int, warmup_factor: float, milestones: Sequence[int], gamma: float):
-        self.warmup_steps, self.warmup_factor = warmup_steps, warmup_factor
-        self.milestones, self.gamma = sorted(milestones), gamma
-
-    def __call__(self, step: int) -> float:
-        factor = self.gamma ** sum(step >= m for m in self.milestones)
-        if step < self.warmup_steps:
-            alpha = step / self.warmup_steps
-            factor *= self.warmup_factor * (1 - alpha) + alpha
-        return factor
+        solver = self.settings.solver
+        return build_optimizer(heads_and_backbone(self.model, self.model.backbone, trainable_only=True),
+                               heads_and_backbone_rates(self.optim), self.optim, self.total_steps,
+                               algorithm=solver.optimizer, momentum=solver.momentum, milestones=solver)
 
 
 class BoxFillMaskAP(MaskAP):
@@ -350,5 +291,4 @@ def instance_map(masks: torch.Tensor, scores: torch.Tensor, threshold: float = 0
     return out
 
 
-__all__ = ["BoxInstModule", "BoxInstSettings", "SolverSettings", "select_proposals", "instance_map", "filled_boxes",
-           "lr_schedule"]
+__all__ = ["BoxInstModule", "select_proposals", "instance_map", "filled_boxes"]

@@ -8,11 +8,13 @@ import lightning as L
 import torch
 from torch import nn
 
-from crowdseg.lit.common import StageHooks, adam_with_backbone_lr, finish_stage, log_losses
+from crowdseg.config.schema import OptimConfig
+from crowdseg.lit.common import StageHooks, finish_stage, log_losses
 from crowdseg.losses.density import DensityLoss, density_point_logits
 from crowdseg.losses.mask_counting import DensityMaskLoss, SoftOnePointLoss
 from crowdseg.metrics.torch_metrics import CountingMetrics
 from crowdseg.models.density import DensityCounter, density_count_in_region
+from crowdseg.optim import build_optimizer, heads_and_backbone, heads_and_backbone_rates
 from crowdseg.vis import density_overlay, picture_slots, save_pictures
 
 
@@ -32,15 +34,18 @@ class DensityModule(StageHooks, L.LightningModule):
     of an image is the sum of its density over the cells inside it) for ``val`` and ``test``,
     writes them to ``<run_dir>/metrics/<stage>.json`` (rank 0) and saves up to `num_pictures`
     heat-map overlays with the GT points to ``<run_dir>/pictures/`` and wandb.
+
+    Optimizer (`crowdseg.optim.build_optimizer`): Adam, groups "heads" (`optim.lr`) and "backbone"
+    (`optim.backbone_lr`), `optim.schedule` over `total_steps` (trainer.max_steps) for a cosine.
     """
 
     monitor = ("val/mae", "min")
 
-    def __init__(self, model: DensityCounter, criterion: DensityLoss, optim: dict[str, Any],
+    def __init__(self, model: DensityCounter, criterion: DensityLoss, optim: OptimConfig, total_steps: int,
                  mask_loss: Optional[DensityMaskLoss] = None, one_point_loss: Optional[SoftOnePointLoss] = None,
                  one_point_threshold: float = 0.25, run_dir: Optional[Path] = None, num_pictures: int = 4):
         super().__init__()
-        self.model, self.criterion, self.optim = model, criterion, dict(optim)
+        self.model, self.criterion, self.optim, self.total_steps = model, criterion, optim, total_steps
         self.mask_loss, self.one_point_loss = mask_loss, one_point_loss
         self.one_point_threshold = float(one_point_threshold)
         self.run_dir, self.num_pictures = run_dir, num_pictures
@@ -114,4 +119,5 @@ class DensityModule(StageHooks, L.LightningModule):
         save_pictures(self.run_dir, stage, pictures, self.loggers, self.global_step)
 
     def configure_optimizers(self):
-        return adam_with_backbone_lr(self.model, self.model.backbone, self.optim)
+        return build_optimizer(heads_and_backbone(self.model, self.model.backbone),
+                               heads_and_backbone_rates(self.optim), self.optim, self.total_steps)

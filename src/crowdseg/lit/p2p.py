@@ -9,11 +9,13 @@ import torch
 from torch import nn
 
 from crowdseg.choices import MASK_POINTS
-from crowdseg.lit.common import StageHooks, adam_with_backbone_lr, finish_stage, inside_image, log_losses
+from crowdseg.config.schema import OptimConfig
+from crowdseg.lit.common import StageHooks, finish_stage, inside_image, log_losses
 from crowdseg.losses.mask_counting import PointMaskLoss
 from crowdseg.losses.p2p import P2PLoss
 from crowdseg.metrics.torch_metrics import CountingMetrics, LocalizationMetrics
 from crowdseg.models.p2p import PointPredictor, select_points
+from crowdseg.optim import build_optimizer, heads_and_backbone, heads_and_backbone_rates
 from crowdseg.vis import picture_slots, point_overlay, save_pictures
 
 # Localization is scored at fixed radii (sigma_s = 4 px, sigma_l = 8 px) on every dataset, so the
@@ -45,18 +47,21 @@ class PointPredictorModule(StageHooks, L.LightningModule):
     (`LOCALIZATION_RADII`) for stage ``val`` and ``test``; writes them to
     ``<run_dir>/metrics/<stage>.json`` (rank 0) and saves up to `num_pictures` overlays (GT points
     green, predictions red) to ``<run_dir>/pictures/`` and wandb.
+
+    Optimizer (`crowdseg.optim.build_optimizer`): Adam, groups "heads" (`optim.lr`) and "backbone"
+    (`optim.backbone_lr`), `optim.schedule` over `total_steps` (trainer.max_steps) for a cosine.
     """
 
     monitor = ("val/mae", "min")
 
-    def __init__(self, model: PointPredictor, criterion: P2PLoss, optim: dict[str, Any],
+    def __init__(self, model: PointPredictor, criterion: P2PLoss, optim: OptimConfig, total_steps: int,
                  score_threshold: float = 0.5, run_dir: Optional[Path] = None, num_pictures: int = 4,
                  mask_loss: Optional[PointMaskLoss] = None, mask_points: str = "predicted",
                  merge_radius: float = 0.0):
         super().__init__()
         if mask_points not in MASK_POINTS:
             raise ValueError(f"mask_points must be one of {MASK_POINTS}, got {mask_points!r}")
-        self.model, self.criterion, self.optim = model, criterion, dict(optim)
+        self.model, self.criterion, self.optim, self.total_steps = model, criterion, optim, total_steps
         self.mask_loss, self.mask_points = mask_loss, mask_points
         self.score_threshold, self.run_dir, self.num_pictures = score_threshold, run_dir, num_pictures
         self.merge_radius = float(merge_radius)
@@ -129,4 +134,5 @@ class PointPredictorModule(StageHooks, L.LightningModule):
         save_pictures(self.run_dir, stage, pictures, self.loggers, self.global_step)
 
     def configure_optimizers(self):
-        return adam_with_backbone_lr(self.model, self.model.backbone, self.optim)
+        return build_optimizer(heads_and_backbone(self.model, self.model.backbone),
+                               heads_and_backbone_rates(self.optim), self.optim, self.total_steps)

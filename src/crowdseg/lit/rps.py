@@ -31,7 +31,13 @@ Counters (saved in the checkpoint, `on_save_checkpoint`): ``batches`` (training 
 ``warmup_updates``. Lightning's ``global_step`` counts
 optimizer steps of every optimizer, so it is not the number of policy updates. Candidates and
 actions come from a CPU generator seeded by (seed, rollouts, rank): a resumed run draws exactly
-what the uninterrupted run would have drawn. Schedulers step by hand at the end of each epoch.
+what the uninterrupted run would have drawn.
+
+Optimizers (`crowdseg.optim.build_optimizer`): the scorer's Adam (group "scorer", `rps.lr`) and, with a
+trained proposer, the proposer's (groups "heads" `optim.lr` and "backbone" `optim.backbone_lr`), each
+with the `optim.schedule` scheduler. Manual optimisation steps them by hand: an epoch-interval one
+(step) at the end of each epoch once its optimizer has stepped, a step-interval one (cosine) before
+each update of its optimizer, to trainer.global_step (`_schedule_to_global_step`).
 
 Logged: ``train/reward_mean`` and ``train/reward_std`` (mean and mean within-group std of the
 sampled actions' rewards, matched groups), ``train/reward_selected`` (reward of the greedy choice
@@ -52,10 +58,11 @@ NNEC radii) with its signed parts ``shift_x``, ``shift_y`` (y grows downwards). 
 """
 from __future__ import annotations
 
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -63,12 +70,13 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from crowdseg.choices import TRAIN_POINTS
+from crowdseg.config.schema import OptimConfig
 from crowdseg.errors import DataError
 from crowdseg.lit.common import StageHooks, inside_image, write_stage_metrics
 from crowdseg.losses.p2p import P2PLoss, hungarian_match
 from crowdseg.metrics.torch_metrics import CountingMetrics, InstanceIoU, LocalizationMetrics, MaskAP
 from crowdseg.models.p2p import PointPredictor, select_points
+from crowdseg.optim import build_optimizer, heads_and_backbone, heads_and_backbone_rates
 from crowdseg.rl.candidates import sample_candidates
 from crowdseg.rl.grpo import group_advantages, grpo_loss, iou_regression_loss
 from crowdseg.rl.policy import CandidateScorer, frozen_copy, greedy, log_prob, sample
@@ -76,44 +84,11 @@ from crowdseg.rl.reward import match_points_to_instances
 from crowdseg.rl.sam_env import SamEnvironment
 from crowdseg.vis import point_overlay, save_png
 
+if TYPE_CHECKING:  # pragma: no cover
+    from crowdseg.methods.rps import RpsConfig
+
 LOCALIZATION_RADII = (4.0, 8.0)
 STAGES = ("val", "test")
-
-
-@dataclass(frozen=True)
-class RpsSettings:
-    """The RPS hyperparameters (config section `rps`, METHODS.md D2)."""
-    num_candidates: int = 8
-    sigma: float = 0.5
-    group_size: int = 8
-    clip_eps: float = 0.2
-    beta: float = 0.04
-    ppo_epochs: int = 1
-    warmup_steps: int = 0
-    warmup_loss: str = "bce"
-    grpo: bool = True
-    train_points: str = "matched"
-    score_threshold: float = 0.5
-    unmatched_reward: float = 0.0
-    distance_weight: float = 0.0
-    seed: int = 0
-    proposer_steps: int = 0
-
-    def __post_init__(self) -> None:
-        if self.train_points not in TRAIN_POINTS:
-            raise ValueError(f"train_points must be one of {TRAIN_POINTS}, got {self.train_points!r}")
-        if self.warmup_loss not in ("bce", "mse"):
-            raise ValueError(f"warmup_loss must be 'bce' or 'mse', got {self.warmup_loss!r}")
-        for name in ("num_candidates", "group_size", "ppo_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.proposer_steps < 0 or self.sigma < 0 or self.clip_eps <= 0 or self.beta < 0:
-            raise ValueError("warmup_steps, sigma and beta must be >= 0 and clip_eps > 0")
-
-    @property
-    def uses_scorer(self) -> bool:
-        """Whether inference selects with the scorer (it is trained by GRPO or by the warm-up)."""
-        return self.grpo or self.warmup_steps > 0
 
 
 @dataclass
@@ -133,20 +108,26 @@ def _touch(parameters: Sequence[nn.Parameter]) -> Tensor:
 
 
 class RPSModule(StageHooks, L.LightningModule):
-    """RPS: a point proposer, a candidate scorer trained with GRPO, a frozen reference, a SAM environment."""
+    """RPS: a point proposer, a candidate scorer trained with GRPO, a frozen reference, a SAM environment.
+
+    settings: the `rps` config section; score_threshold: the proposer's (`loss.score_threshold`);
+    seed: the run's, for the candidates and actions; optim, total_steps: the `optim` section and
+    trainer.max_steps (the schedule's budget).
+    """
 
     monitor = ("val/iou_c", "max")
 
     def __init__(self, proposer: PointPredictor, scorer: CandidateScorer, environment: SamEnvironment,
-                 settings: RpsSettings, optim: dict[str, Any], proposer_criterion: Optional[P2PLoss] = None,
-                 run_dir: Optional[Path] = None, num_pictures: int = 4):
+                 settings: "RpsConfig", score_threshold: float, seed: int, optim: OptimConfig, total_steps: int,
+                 proposer_criterion: Optional[P2PLoss] = None, run_dir: Optional[Path] = None, num_pictures: int = 4):
         super().__init__()
         self.automatic_optimization = False
         self.proposer, self.scorer = proposer, scorer
         self.reference = frozen_copy(scorer)
         self.environment = environment          # a plain object: SAM stays out of the state dict
         environment.predictor.model.requires_grad_(False)
-        self.settings, self.optim = settings, dict(optim)
+        self.settings, self.score_threshold, self.seed = settings, score_threshold, seed
+        self.optim, self.total_steps = optim, total_steps
         self.proposer_criterion = proposer_criterion
         self.train_proposer = proposer_criterion is not None
         if not self.train_proposer:
@@ -198,7 +179,7 @@ class RPSModule(StageHooks, L.LightningModule):
         self.counters.update(checkpoint.get("rps_counters", {}))
 
     def _generator(self, *key: int) -> torch.Generator:
-        seed = zlib.crc32(np.asarray((self.settings.seed,) + key, dtype=np.int64).tobytes())
+        seed = zlib.crc32(np.asarray((self.seed,) + key, dtype=np.int64).tobytes())
         return torch.Generator().manual_seed(seed)
 
     # ---------------------------------------------------------------------------------- rollout
@@ -213,7 +194,7 @@ class RPSModule(StageHooks, L.LightningModule):
                 pred_idx, _ = hungarian_match(proposals, prob[b], gt_points[b].to(proposals.device))
                 points = proposals[pred_idx]
             else:
-                keep = (prob[b] > self.settings.score_threshold) & inside_image(proposals, h, w)
+                keep = (prob[b] > self.score_threshold) & inside_image(proposals, h, w)
                 points = proposals[keep]
             limits = points.new_tensor([w - 1, h - 1])
             result.append(torch.minimum(points.clamp_min(0.0), limits).float())
@@ -338,39 +319,48 @@ class RPSModule(StageHooks, L.LightningModule):
         for optimizer in optimizers:
             optimizer.zero_grad()
         self.manual_backward(total)
-        clip = self.optim.get("grad_clip")
+        clip = self.optim.grad_clip
         for optimizer, step in ((scorer_opt, step_scorer), (proposer_opt, step_proposer)):
             if optimizer is None or not step:
                 continue
+            self._schedule_to_global_step(optimizer.optimizer)
             if clip:
                 self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
             optimizer.step()
 
+    def _schedule_to_global_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Before `optimizer` updates, step its step-interval scheduler (a cosine) until it has taken
+        trainer.global_step steps: the update then uses factor(global_step), the run's count of
+        optimizer steps (of every optimizer), as under automatic optimisation, and a cosine over
+        trainer.max_steps ends with the run. (A scorer that waited for its first update, while the
+        proposer trained alone, jumps ahead: torch's warning about that is expected and silenced.)"""
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval != "step" or config.scheduler.optimizer is not optimizer:
+                continue
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                while config.scheduler.last_epoch < self.global_step:
+                    config.scheduler.step()
+
     def on_train_epoch_end(self) -> None:
-        schedulers = self.lr_schedulers()
-        for scheduler in (schedulers if isinstance(schedulers, list) else [schedulers]):
-            if scheduler is not None and scheduler.optimizer.state:   # skip an optimizer that never stepped
-                scheduler.step()
+        for config in self.trainer.lr_scheduler_configs:   # step: StepLR, once per epoch
+            if config.interval == "epoch" and config.scheduler.optimizer.state:   # skip one that never stepped
+                config.scheduler.step()
 
     def configure_optimizers(self):
         o = self.optim
-        scorer_opt = torch.optim.Adam(self.scorer.parameters(), lr=o["scorer_lr"], weight_decay=o["weight_decay"])
-        optimizers = [scorer_opt]
+        configs = [build_optimizer({"scorer": self.scorer.parameters()}, {"scorer": self.settings.lr}, o,
+                                   self.total_steps)]
         if self.train_proposer:
-            backbone = list(self.proposer.backbone.parameters())
-            ids = {id(p) for p in backbone}
-            rest = [p for p in self.proposer.parameters() if id(p) not in ids]
-            optimizers.append(torch.optim.Adam([{"params": rest, "lr": o["lr"]},
-                                                {"params": backbone, "lr": o["backbone_lr"]}],
-                                               weight_decay=o["weight_decay"]))
-        schedulers = [torch.optim.lr_scheduler.StepLR(opt, o["step_size"], o["gamma"]) for opt in optimizers]
-        return optimizers, schedulers
+            configs.append(build_optimizer(heads_and_backbone(self.proposer, self.proposer.backbone),
+                                           heads_and_backbone_rates(o), o, self.total_steps))
+        return configs
 
     # -------------------------------------------------------------------------------- inference
     def proposals(self, batch: dict[str, Any]) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
         """Per image the proposer's points (score > threshold, inside the image) and scores; the features."""
         outputs = self.proposer(batch["image"])
-        selected = select_points(outputs["points"], outputs["logits"], self.settings.score_threshold)
+        selected = select_points(outputs["points"], outputs["logits"], self.score_threshold)
         result = []
         for (points, scores), (h, w) in zip(selected, batch["image_size"].tolist()):
             keep = inside_image(points, h, w)

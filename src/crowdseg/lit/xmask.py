@@ -25,10 +25,15 @@ points, region = not erased. Phase 3: P2R + mask constraint on GT masks; unlabel
 points + mask constraint on density-gated pseudo masks, only instances under confident teacher
 points. Total (sup + w * semi) / (1 + w).
 
-Parameter groups (encoder, fuse, decoder, mask_head) are Adam groups whose learning rate is set
-before every batch from (phase, epoch): a frozen group has lr 0. Nothing flips requires_grad, and
-every student parameter gets a gradient each step (a zero one where the phase does not use it), so
-DDP's reducer never sees an unused parameter. A frozen encoder runs without autograd and in eval
+Parameter groups (encoder, fuse, decoder, mask_head) are Adam groups (`crowdseg.optim.make_optimizer`)
+whose learning rate is set before every batch from (phase, epoch, step): the phase's rate of the group
+times the shared schedule's factor (`crowdseg.optim.schedule_factor`: optim.schedule step or cosine),
+0 for a group the phase freezes. Nothing flips requires_grad, and every student parameter gets a
+gradient each step (a zero one where the phase does not use it), so DDP's reducer never sees an
+unused parameter. (Not a torch scheduler with one lambda per group: a scheduler runs on one clock,
+and the rate here can depend on two, phases counted in steps with a decay every `step_size` epochs;
+a step-interval scheduler is stepped at the end of the batch before, when the next batch's epoch is
+not known yet.) A frozen encoder runs without autograd and in eval
 mode (its BN statistics frozen, as published); in phase 3 the student's MaskHead is not run.
 
 Evaluation logs, for `val` and `test`, the student's `mae`, `rmse`, `mse`, `nae` (count = cells with
@@ -49,14 +54,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from crowdseg.config.schema import OptimConfig
 from crowdseg.errors import DataError
 from crowdseg.lit.common import StageHooks, finish_stage, log_losses
 from crowdseg.losses.xmask import DiscriminativeLoss, MaskConstraintLoss, P2RLoss
 from crowdseg.metrics.torch_metrics import CountingMetrics, InstanceIoU, LocalizationMetrics
 from crowdseg.models.xmask import PARAMETER_GROUPS, XMaskNet, count_cells, logit_points
+from crowdseg.optim import make_optimizer, schedule_factor
 from crowdseg.xmask.discs import disc_union
 from crowdseg.xmask.pseudo_masks import PseudoMaskSettings, confident_instances, pseudo_instances
-from crowdseg.xmask.schedule import PhaseSchedule, default_phase_lrs, group_learning_rates
+from crowdseg.xmask.schedule import PhaseSchedule, group_learning_rates
 
 LOCALIZATION_RADII = (4.0, 8.0)
 EVAL_PSEUDO = PseudoMaskSettings(energy_threshold=1.1, lambda_geo=0.8, sigma=3.0)
@@ -100,14 +107,16 @@ def _inside(points: Tensor, height: int, width: int) -> Tensor:
 class XMaskModule(StageHooks, L.LightningModule):
     """Teacher-student XMask training and evaluation (see the module docstring).
 
-    model: the student `XMaskNet`; schedule: the phases; optim: {"lr", "backbone_lr", "weight_decay",
-    "step_size", "gamma", "phase2_lr", "phase3_lr"} (per-phase rates, StepLR-style decay every
-    `step_size` epochs); semi: train the unlabeled branch (False: the supervised-only control).
+    model: the student `XMaskNet`; schedule: the phases; optim: the `optim` section (weight decay and
+    schedule); phase_lrs: {phase: {group: rate}} (`xmask.schedule.default_phase_lrs`); total_steps:
+    trainer.max_steps (a cosine's budget); semi: train the unlabeled branch (False: the
+    supervised-only control).
     """
 
     monitor = ("val/mae", "min")
 
-    def __init__(self, model: XMaskNet, schedule: PhaseSchedule, optim: Mapping[str, Any],
+    def __init__(self, model: XMaskNet, schedule: PhaseSchedule, optim: OptimConfig,
+                 phase_lrs: Mapping[int, Mapping[str, float]], total_steps: int,
                  p2r: Optional[P2RLoss] = None, discriminative: Optional[DiscriminativeLoss] = None,
                  mask_constraint: Optional[MaskConstraintLoss] = None, semi: bool = True,
                  ema_momentum: float = 0.998, pseudo: PseudoMaskSettings = PseudoMaskSettings(),
@@ -119,16 +128,14 @@ class XMaskModule(StageHooks, L.LightningModule):
         self.teacher = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_momentum), use_buffers=False)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        self.schedule, self.optim, self.semi = schedule, dict(optim), semi
+        self.schedule, self.optim, self.semi = schedule, optim, semi
+        self.phase_lrs, self.total_steps = phase_lrs, total_steps
         self.p2r = p2r or P2RLoss(model.stride)
         self.discriminative = discriminative or DiscriminativeLoss(model.stride)
         self.mask_constraint = mask_constraint or MaskConstraintLoss(model.stride)
         self.pseudo, self.eval_pseudo = pseudo, eval_pseudo
         self.invalid_radius, self.mc_with_p2r, self.soft_point_mask = invalid_radius, mc_with_p2r, soft_point_mask
         self.eval_teacher, self.run_dir = eval_teacher, run_dir
-        self.phase_lrs = default_phase_lrs(self.optim["lr"], self.optim["backbone_lr"],
-                                           self.optim.get("phase2_lr") or self.optim["lr"],
-                                           self.optim.get("phase3_lr") or self.optim["lr"])
         self.timings: Optional[dict[str, float]] = None  # set to {} to accumulate seconds per part
         who = ("student", "teacher") if eval_teacher else ("student",)
         self.metrics = nn.ModuleDict({f"{stage}_{w}": nn.ModuleDict({
@@ -155,14 +162,16 @@ class XMaskModule(StageHooks, L.LightningModule):
     def current_phase(self) -> tuple[int, int]:
         return self.schedule.position(self.current_epoch, self.global_step)
 
-    def learning_rates(self, phase: int, epoch: int) -> dict[str, float]:
-        decay = self.optim.get("gamma", 1.0) ** (epoch // max(int(self.optim.get("step_size", 1)), 1))
-        return group_learning_rates(self.schedule, phase, self.phase_lrs, decay)
+    def learning_rates(self, phase: int, epoch: int, step: int) -> dict[str, float]:
+        """{group: rate} at a training position: phase_lrs[phase][group] x schedule_factor(epoch, step),
+        0 for the groups `phase` freezes."""
+        factor = schedule_factor(self.optim, epoch, step, self.total_steps)
+        return group_learning_rates(self.schedule, phase, self.phase_lrs, factor)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         phase, _ = self.current_phase()
         self._phase = phase
-        lrs = self.learning_rates(phase, self.current_epoch)
+        lrs = self.learning_rates(phase, self.current_epoch, self.global_step)
         for optimizer in self.trainer.optimizers:
             if self._optimizer_phase is not None and self._optimizer_phase != phase:
                 optimizer.state.clear()  # a new phase starts with a fresh Adam state, as published
@@ -179,9 +188,8 @@ class XMaskModule(StageHooks, L.LightningModule):
 
     def configure_optimizers(self):
         groups = self.model.groups()
-        lrs = self.learning_rates(1, 0)
-        return torch.optim.Adam([{"params": list(groups[g].parameters()), "lr": lrs[g], "name": g}
-                                 for g in PARAMETER_GROUPS], weight_decay=self.optim["weight_decay"])
+        return make_optimizer({g: groups[g].parameters() for g in PARAMETER_GROUPS}, self.learning_rates(1, 0, 0),
+                              self.optim.weight_decay)
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from crowdseg.losses.mask_counting import (cell_centers, density_at_mask_resolution, background_suppression_loss,
                                            soft_one_point_loss, sum_per_instance, unit_mass_loss)
-from crowdseg.xmask.discs import (disc_pixel_pairs, embedding_at_image_resolution, gaussian_smooth, nn_radii,
-                                  own_pixels, pair_distances, sample_centres)
+from crowdseg.xmask.discs import (MIN_RADIUS, disc_pixel_pairs, embedding_at_image_resolution, gaussian_smooth,
+                                  nn_radii, own_pixels, pair_distances, sample_centres)
 
 
 def _zero(t: Tensor) -> Tensor:
@@ -128,7 +128,7 @@ def point_mask_term(points: Tensor, instance_map: Tensor, region: Optional[Tenso
 def discriminative_loss(embedding: Tensor, points: Tensor, instance_map: Tensor, region: Optional[Tensor] = None,
                         invalid: Optional[Tensor] = None, point_scores: Optional[Tensor] = None,
                         tau: float = 0.6, margin: float = 0.1, point_mask_weight: float = 1.0,
-                        min_radius: float = 3.0, max_radius_factor: float = 0.5, kernel_size: int = 7,
+                        min_radius: float = MIN_RADIUS, max_radius_factor: float = 0.5, kernel_size: int = 7,
                         sigma: float = 1.5) -> dict[str, Tensor]:
     """XMask's discriminative (pull / push) loss of one image (METHODS.md A2.3).
 
@@ -277,7 +277,8 @@ class DiscriminativeLoss(nn.Module):
     -> {"loss", "pull", "push", "point_mask", "points"}: sums over images / B (XMask's average)."""
 
     def __init__(self, stride: int = 4, tau: float = 0.6, margin: float = 0.1, point_mask_weight: float = 1.0,
-                 min_radius: float = 3.0, max_radius_factor: float = 0.5, kernel_size: int = 7, sigma: float = 1.5):
+                 min_radius: float = MIN_RADIUS, max_radius_factor: float = 0.5, kernel_size: int = 7,
+                 sigma: float = 1.5):
         super().__init__()
         self.stride = int(stride)
         self.options = dict(tau=tau, margin=margin, point_mask_weight=point_mask_weight, min_radius=min_radius,

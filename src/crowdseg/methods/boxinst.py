@@ -7,9 +7,11 @@
 - `boxinst.input`: the paper's resizing (short side 384-480 for training, 480 for testing, long side
   <= 1333); `null` short sides keep the `data.crop_size` / `data.scale_range` augmentation instead;
 - `boxinst.inference`: post-processing and the overlap metric's score threshold;
-- `boxinst.solver`: SGD/AdamW, warm-up, step milestones (in steps); the learning rates, weight decay,
-  decay factor and gradient clip come from the shared `optim` section (`lr`, `backbone_lr`,
-  `weight_decay`, `gamma`, `grad_clip`; `optim.step_size` is not used);
+- `boxinst.solver`: SGD/AdamW and its step schedule (detectron2's WarmupMultiStepLR: a linear warm-up
+  from `warmup_factor` over `warmup_steps`, then x `optim.gamma` at each of `milestones`, in steps),
+  the one exception to `optim.step_size` (not used; crowdseg/optim.py); the learning rates, weight
+  decay, decay factor, gradient clip and `optim.schedule` come from the shared `optim` section
+  (`optim.schedule: cosine` is the shared warm-up cosine: `optim.warmup_steps`, no milestones);
 - `boxinst.eval_data`: evaluate on another dataset than the training one (CIS for CrowdHuman, COCO
   val for COCO train); its images are removed from the training set;
 - `boxinst.init_ckpt`: start from the weights of a BoxInst checkpoint (the OverlapLoss fine-tune
@@ -91,10 +93,11 @@ class BoxInstInferenceConfig:
 
 @dataclass
 class BoxInstSolverConfig:
+    """The optimizer, and the `optim.schedule: step` schedule of boxinst (crowdseg.optim.warmup_multistep)."""
     optimizer: str = "sgd"                # sgd | adamw
-    momentum: float = 0.9
+    momentum: float = 0.9                 # sgd only
     milestones: list[int] = field(default_factory=list)  # steps at which the lr is multiplied by optim.gamma
-    warmup_steps: int = 1000
+    warmup_steps: int = 1000              # linear warm-up from warmup_factor x lr to lr (step schedule)
     warmup_factor: float = 0.001
 
 
@@ -109,6 +112,7 @@ class BoxInstEvalDataConfig:
 
 @dataclass
 class BoxInstConfig:
+    """The `boxinst` section, also the settings object `BoxInstModule` receives (checked by `check`)."""
     model: BoxInstModelConfig = field(default_factory=BoxInstModelConfig)
     loss: BoxInstLossConfig = field(default_factory=BoxInstLossConfig)
     input: BoxInstInputConfig = field(default_factory=BoxInstInputConfig)
@@ -239,27 +243,6 @@ def build_datamodule(cfg: DictConfig):
     return module
 
 
-def settings(cfg: DictConfig):
-    from crowdseg.lit.boxinst import BoxInstSettings, SolverSettings
-
-    lo, inf, so, o = cfg.boxinst.loss, cfg.boxinst.inference, cfg.boxinst.solver, cfg.optim
-    s = BoxInstSettings(box_key=lo.box_key, center_radius=lo.center_radius,
-                        sizes_of_interest=tuple(cfg.boxinst.model.sizes_of_interest), focal_alpha=lo.focal_alpha,
-                        focal_gamma=lo.focal_gamma, topk_proposals_per_image=lo.topk_proposals_per_image,
-                        projection_weight=lo.projection_weight, pairwise_weight=lo.pairwise_weight,
-                        pairwise_threshold=lo.pairwise_threshold, pairwise_dilation=lo.pairwise_dilation,
-                        pairwise_warmup=lo.pairwise_warmup, bottom_pixels_removed=lo.bottom_pixels_removed,
-                        overlap_weight=lo.overlap_weight, overlap_normalization=lo.overlap_normalization,
-                        score_threshold=inf.score_threshold, pre_nms_topk=inf.pre_nms_topk,
-                        nms_threshold=inf.nms_threshold, max_detections=inf.max_detections,
-                        mask_threshold=inf.mask_threshold, paste_chunk=inf.paste_chunk,
-                        overlap_score_threshold=inf.overlap_score_threshold, box_masks=inf.box_masks)
-    solver = SolverSettings(lr=o.lr, backbone_lr=o.backbone_lr, weight_decay=o.weight_decay, optimizer=so.optimizer,
-                            momentum=so.momentum, milestones=list(so.milestones), gamma=o.gamma,
-                            warmup_steps=so.warmup_steps, warmup_factor=so.warmup_factor)
-    return s, solver
-
-
 def build(cfg: DictConfig, run_dir: Path) -> Job:
     from crowdseg.lit.boxinst import BoxInstModule
     from crowdseg.methods.weights import load_weights
@@ -268,8 +251,8 @@ def build(cfg: DictConfig, run_dir: Path) -> Job:
     if cfg.boxinst.init_ckpt:
         load_weights(model, cfg.boxinst.init_ckpt, "boxinst.init_ckpt", hint="train the BoxInst run first")
     datamodule = build_datamodule(cfg)
-    s, solver = settings(cfg)
-    module = BoxInstModule(model, s, solver, run_dir, cfg.logger.num_pictures, cfg.seed)
+    module = BoxInstModule(model, OmegaConf.to_object(cfg.boxinst), OmegaConf.to_object(cfg.optim), cfg.trainer.max_steps,
+                           run_dir, cfg.logger.num_pictures, cfg.seed)
     return Job(module, datamodule)
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from crowdseg.errors import ConfigError
 from crowdseg.methods.base import Job, Method
@@ -42,7 +42,7 @@ def check(cfg: DictConfig) -> None:
 
 
 def build(cfg: DictConfig, run_dir: Path) -> Job:
-    from crowdseg.data import build_datamodule, optim_settings
+    from crowdseg.data import build_datamodule
     from crowdseg.lit.density import DensityModule
     from crowdseg.losses.density import DensityLoss
     from crowdseg.mask_supervision import density_mask_losses
@@ -53,8 +53,8 @@ def build(cfg: DictConfig, run_dir: Path) -> Job:
     model = DensityCounter(create_backbone(m.backbone, m.pretrained, reductions=(8,)), list(d.channels), d.activation)
     datamodule = build_datamodule(cfg)
     mask_loss, one_point_loss = density_mask_losses(cfg, datamodule, model.stride)
-    module = DensityModule(model, DensityLoss(model.stride, d.sigma), optim_settings(cfg), mask_loss, one_point_loss,
-                           cfg.mask_loss.one_point_threshold, run_dir, cfg.logger.num_pictures)
+    module = DensityModule(model, DensityLoss(model.stride, d.sigma), OmegaConf.to_object(cfg.optim), cfg.trainer.max_steps,
+                           mask_loss, one_point_loss, cfg.mask_loss.one_point_threshold, run_dir, cfg.logger.num_pictures)
     return Job(module, datamodule)
 
 

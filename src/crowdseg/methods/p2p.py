@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from crowdseg.choices import CLS_LOSSES, MASK_POINTS, MATCH_ON
 from crowdseg.errors import ConfigError
@@ -102,14 +102,15 @@ def build_point_loss(lo: DictConfig):
 
 
 def build(cfg: DictConfig, run_dir: Path) -> Job:
-    from crowdseg.data import build_datamodule, optim_settings
+    from crowdseg.data import build_datamodule
     from crowdseg.lit.p2p import PointPredictorModule
     from crowdseg.mask_supervision import point_mask_loss
 
     datamodule = build_datamodule(cfg)
-    module = PointPredictorModule(build_point_predictor(cfg.model), build_point_loss(cfg.loss), optim_settings(cfg),
-                                  cfg.loss.score_threshold, run_dir, cfg.logger.num_pictures,
-                                  point_mask_loss(cfg, datamodule), cfg.mask_loss.points, cfg.loss.merge_radius)
+    module = PointPredictorModule(build_point_predictor(cfg.model), build_point_loss(cfg.loss),
+                                  OmegaConf.to_object(cfg.optim), cfg.trainer.max_steps, cfg.loss.score_threshold,
+                                  run_dir, cfg.logger.num_pictures, point_mask_loss(cfg, datamodule),
+                                  cfg.mask_loss.points, cfg.loss.merge_radius)
     return Job(module, datamodule)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from crowdseg.choices import PROMPT_SELECTIONS, TRAIN_POINTS, check_dpmo_config
 from crowdseg.errors import ConfigError
@@ -24,7 +24,8 @@ class RpsConfig:
 
     The proposer is the `model:` point predictor; SAM comes from `sam:`; NNEC radii, negative prompts,
     decode windows, the overlap rule and tiling follow `dpmo:` (masks are cut the way DPMO cuts them).
-    The scorer's optimizer uses `rps.lr` and the `optim:` weight decay, gradient clip and StepLR.
+    The scorer's optimizer uses `rps.lr` and the `optim:` weight decay, gradient clip and schedule.
+    This section is the settings object `RPSModule` receives (checked at load time by `check`).
     """
     proposer_ckpt: Optional[str] = None  # p2p checkpoint whose `model.*` weights initialise the proposer
     train_proposer: bool = False      # False: proposer frozen; True: also trained, with the P2P loss (`loss:`)
@@ -45,6 +46,11 @@ class RpsConfig:
     selection: str = "iou"            # SAM multimask pick: iou (predicted IoU) | iou_inside | disc_iou
     unmatched_reward: float = 0.0     # reward of every candidate of a point matching no GT instance
     distance_weight: float = 0.0      # optional penalty weight * min(|c - p_gt| / r, 1)
+
+    @property
+    def uses_scorer(self) -> bool:
+        """Whether inference selects with the scorer (it is trained by GRPO or by the warm-up)."""
+        return self.grpo or self.warmup_steps > 0
 
 
 def check(cfg: DictConfig) -> None:
@@ -71,7 +77,7 @@ def check(cfg: DictConfig) -> None:
 
 def build(cfg: DictConfig, run_dir: Path) -> Job:
     from crowdseg.data import build_datamodule
-    from crowdseg.lit.rps import CandidateScorer, RPSModule, RpsSettings
+    from crowdseg.lit.rps import CandidateScorer, RPSModule
     from crowdseg.mask_supervision import mask_coverage
     from crowdseg.methods.weights import load_weights
     from crowdseg.models.p2p import PointPredictor
@@ -97,13 +103,9 @@ def build(cfg: DictConfig, run_dir: Path) -> Job:
                          overlap=d.overlap, fallback_radius_factor=d.fallback_radius_factor, tile=d.tile,
                          target_nn_px=d.target_nn_px, max_scale=d.max_scale, tile_overlap=d.tile_overlap)
     environment = SamEnvironment(BatchedSamPredictor(build_sam_from_config(cfg.sam), cfg.sam.prompt_chunk), options)
-    settings = RpsSettings(r.num_candidates, r.sigma, r.group_size, r.clip_eps, r.beta, r.ppo_epochs,
-                           r.warmup_steps, r.warmup_loss, r.grpo, r.train_points, lo.score_threshold,
-                           r.unmatched_reward, r.distance_weight, cfg.seed, r.proposer_steps)
-    optim = {k: cfg.optim[k] for k in ("lr", "backbone_lr", "weight_decay", "step_size", "gamma", "grad_clip")}
-    optim["scorer_lr"] = r.lr
     criterion = build_point_loss(lo) if r.train_proposer else None
-    module = RPSModule(proposer, scorer, environment, settings, optim, criterion, run_dir, cfg.logger.num_pictures)
+    module = RPSModule(proposer, scorer, environment, OmegaConf.to_object(r), lo.score_threshold, cfg.seed,
+                       OmegaConf.to_object(cfg.optim), cfg.trainer.max_steps, criterion, run_dir, cfg.logger.num_pictures)
     return Job(module, datamodule)
 
 

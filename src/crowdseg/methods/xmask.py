@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from crowdseg.errors import ConfigError, DataError
 from crowdseg.methods.base import Job, Method
@@ -147,28 +147,30 @@ def build_module(cfg: DictConfig, model, run_dir: Optional[Path]):
     from crowdseg.lit.xmask import XMaskModule
     from crowdseg.losses.xmask import DiscriminativeLoss, MaskConstraintLoss, P2RLoss
     from crowdseg.xmask.pseudo_masks import PseudoMaskSettings
-    from crowdseg.xmask.schedule import PhaseSchedule
+    from crowdseg.xmask.schedule import PhaseSchedule, default_phase_lrs
 
     x, o = cfg.xmask, cfg.optim
     schedule = PhaseSchedule(unit=x.phase_unit, phase1_end=x.phase1_end, phase2_end=x.phase2_end,
                              semi_warmup=x.semi_warmup, ramp_rate=x.ramp_rate, ramp_max=x.ramp_max,
                              phase3_ramp_start=x.phase3_ramp_start,
                              groups={p: tuple(x[f"phase{p}_groups"]) for p in (1, 2, 3)})
-    optim = {"lr": o.lr, "backbone_lr": o.backbone_lr, "weight_decay": o.weight_decay, "step_size": o.step_size,
-             "gamma": o.gamma, "phase2_lr": x.phase2_lr, "phase3_lr": x.phase3_lr}
     stride = model.stride
     return XMaskModule(
-        model, schedule, optim,
-        p2r=P2RLoss(stride, x.p2r_min_radius, x.p2r_max_radius, x.p2r_cost_point),
-        discriminative=DiscriminativeLoss(stride, x.tau, x.margin, x.point_mask_weight, 3.0, x.max_radius_factor,
-                                          x.smooth_kernel, x.smooth_sigma),
-        mask_constraint=MaskConstraintLoss(stride, x.mc_background_weight, x.mc_mass_weight, x.mc_one_point_weight,
-                                           x.one_point_temperature),
+        model, schedule, OmegaConf.to_object(o), default_phase_lrs(o.lr, o.backbone_lr, x.phase2_lr, x.phase3_lr),
+        cfg.trainer.max_steps,
+        p2r=P2RLoss(stride, min_radius=x.p2r_min_radius, max_radius=x.p2r_max_radius, cost_point=x.p2r_cost_point),
+        discriminative=DiscriminativeLoss(stride, tau=x.tau, margin=x.margin, point_mask_weight=x.point_mask_weight,
+                                          max_radius_factor=x.max_radius_factor, kernel_size=x.smooth_kernel,
+                                          sigma=x.smooth_sigma),  # min_radius: crowdseg.xmask.discs.MIN_RADIUS
+        mask_constraint=MaskConstraintLoss(stride, background_weight=x.mc_background_weight,
+                                           mass_weight=x.mc_mass_weight, one_point_weight=x.mc_one_point_weight,
+                                           temperature=x.one_point_temperature),
         semi=x.semi, ema_momentum=x.ema_momentum,
-        pseudo=PseudoMaskSettings(x.energy_threshold, x.lambda_geo, x.p_low, x.p_mid, x.p_high,
-                                  kernel_size=x.smooth_kernel, sigma=x.smooth_sigma),
-        eval_pseudo=PseudoMaskSettings(x.eval_energy_threshold, x.eval_lambda_geo, x.p_low, x.p_mid, x.p_high,
-                                       kernel_size=x.smooth_kernel, sigma=x.eval_sigma),
+        pseudo=PseudoMaskSettings(energy_threshold=x.energy_threshold, lambda_geo=x.lambda_geo, p_low=x.p_low,
+                                  p_mid=x.p_mid, p_high=x.p_high, kernel_size=x.smooth_kernel, sigma=x.smooth_sigma),
+        eval_pseudo=PseudoMaskSettings(energy_threshold=x.eval_energy_threshold, lambda_geo=x.eval_lambda_geo,
+                                       p_low=x.p_low, p_mid=x.p_mid, p_high=x.p_high, kernel_size=x.smooth_kernel,
+                                       sigma=x.eval_sigma),
         invalid_radius=x.invalid_radius, mc_with_p2r=x.mc_with_p2r, soft_point_mask=x.soft_point_mask,
         eval_teacher=x.eval_teacher, run_dir=run_dir)
 

@@ -23,6 +23,11 @@ from torch import Tensor
 
 from crowdseg.dpmo.nnec import nnec_radii
 
+# Smallest disc radius, in pixels, of XMask's discriminative loss and pseudo masks: the published
+# `DiscriminativeLoss(min_radius=3)` (xmask/losses/discriminative.py) and the clamp [3, min(H, W) / 2]
+# of xmask/pseudo/instance_map.py (METHODS.md A2.3 step 1, A2.5).
+MIN_RADIUS = 3.0
+
 
 def logit(p: float) -> float:
     """log(p / (1 - p)) for p in (0, 1)."""
@@ -68,7 +73,7 @@ def embedding_at_image_resolution(embedding: Tensor, size: tuple[int, int], stri
     return x[0] if squeeze else x
 
 
-def nn_radii(points: Tensor, size: tuple[int, int], min_radius: float = 3.0, max_radius: Optional[float] = None,
+def nn_radii(points: Tensor, size: tuple[int, int], min_radius: float = MIN_RADIUS, max_radius: Optional[float] = None,
              lone_radius: Optional[float] = None) -> Tensor:
     """NNEC radius of every point (crowdseg.dpmo.nnec): the distance to the nearest other point,
     clamped to [min_radius, max_radius] (default min(H, W) / 2); a lone point gets `lone_radius`

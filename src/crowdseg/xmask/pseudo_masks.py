@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from crowdseg.models.xmask import STRIDE, logit_points
-from crowdseg.xmask.discs import (disc_pixel_pairs, embedding_at_image_resolution, gaussian_smooth, logit,
-                                  nn_radii, own_pixels, pair_distances, sample_centres)
+from crowdseg.xmask.discs import (MIN_RADIUS, disc_pixel_pairs, embedding_at_image_resolution, gaussian_smooth,
+                                  logit, nn_radii, own_pixels, pair_distances, sample_centres)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class PseudoMaskSettings:
     p_low: float = 0.1
     p_mid: float = 0.5
     p_high: float = 0.9
-    min_radius: float = 3.0
+    min_radius: float = MIN_RADIUS
     kernel_size: int = 7
     sigma: float = 1.5
 

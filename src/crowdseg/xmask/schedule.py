@@ -21,7 +21,7 @@ inside a phase continues with that phase's state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 from crowdseg.models.xmask import PARAMETER_GROUPS
 
@@ -74,14 +74,18 @@ class PhaseSchedule:
 def group_learning_rates(schedule: PhaseSchedule, phase: int, lrs: Mapping[int, Mapping[str, float]],
                          decay: float = 1.0) -> dict[str, float]:
     """Learning rate of every parameter group in `phase`: lrs[phase][group] * decay for the
-    phase's trainable groups, 0 for the others."""
+    phase's trainable groups, 0 for the others (`decay`: the shared schedule's factor,
+    crowdseg.optim.schedule_factor)."""
     active = set(schedule.trainable(phase))
     return {g: (float(lrs[phase][g]) * decay if g in active else 0.0) for g in PARAMETER_GROUPS}
 
 
-def default_phase_lrs(lr: float, backbone_lr: float, phase2_lr: float, phase3_lr: float) -> dict[int, dict[str, float]]:
-    """XMask's rates: phase 1 `lr` (encoder `backbone_lr`), phase 2 `phase2_lr` (5e-6 published),
-    phase 3 `phase3_lr`; per group."""
+def default_phase_lrs(lr: float, backbone_lr: float, phase2_lr: Optional[float],
+                      phase3_lr: Optional[float]) -> dict[int, dict[str, float]]:
+    """XMask's rates per phase and group: phase 1 `lr` (encoder `backbone_lr`), phase 2 `phase2_lr`
+    (5e-6 published), phase 3 `phase3_lr`; a phase rate of None is `lr` (optim.lr)."""
+    phase2 = lr if phase2_lr is None else phase2_lr
+    phase3 = lr if phase3_lr is None else phase3_lr
     return {1: {"encoder": backbone_lr, "fuse": lr, "decoder": lr, "mask_head": lr},
-            2: {g: phase2_lr for g in PARAMETER_GROUPS},
-            3: {g: phase3_lr for g in PARAMETER_GROUPS}}
+            2: {g: phase2 for g in PARAMETER_GROUPS},
+            3: {g: phase3 for g in PARAMETER_GROUPS}}
