@@ -47,3 +47,12 @@ def test_warmup_cosine_by_hand():
     assert [warmup_cosine(s, 4, 14) for s in (0, 3)] == pytest.approx([0.2, 0.8])
     assert [warmup_cosine(s, 4, 14) for s in (4, 9, 14, 20)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
     assert warmup_cosine(0, 0, 10) == 1.0
+
+
+def test_the_average_function_pickles():
+    """ddp_spawn pickles the Trainer's callbacks, the EMA's avg_fn among them."""
+    import pickle
+
+    avg = pickle.loads(pickle.dumps(warmup_ema_avg_fn(0.99)))
+    a, c = torch.zeros(3), torch.ones(3)
+    assert torch.allclose(avg(a, c, torch.tensor(0)), torch.full((3,), 0.9))  # d = 1/10 at the first update

@@ -23,7 +23,7 @@ def stored_run(tmp_path: Path, *overrides: str) -> Path:
 
 def test_same_or_extended_settings_resume_the_run(tmp_path):
     base = stored_run(tmp_path)
-    for extra in ([], ["trainer.max_epochs=20"], ["trainer.enable_progress_bar=false", "data.num_workers=0",
+    for extra in ([], ["trainer.max_steps=576"], ["trainer.enable_progress_bar=false", "data.num_workers=0",
                                                    "logger.wandb.mode=offline", "trainer.devices=2"]):
         assert run_dir(load_config(P2P, [f"runs_root={tmp_path}", *extra])) == base
 

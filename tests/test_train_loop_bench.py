@@ -20,7 +20,7 @@ def load_benchmark():
 
 def test_bare_loop_and_lightning_loop_compute_the_same_losses(tmp_path, tiny_overrides):
     bench = load_benchmark()
-    cfg = bench.load(bench.EXPERIMENT, [*tiny_overrides, "data.batch_size=2", "data.crop_size=48"], tmp_path / "runs")
+    cfg = bench.load(bench.EXPERIMENT, [*tiny_overrides, "data.batch_size=2", "data.crop_size=48", "optim.ema_decay=null"], tmp_path / "runs")
     job, path = bench.build(cfg)
     bare = copy.deepcopy(job.module)                     # the same initial weights for both loops
     batches = list(islice(iter(job.datamodule.train_dataloader()), 2))

@@ -11,7 +11,6 @@ Lightning's `WeightAveraging`.
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
@@ -23,19 +22,25 @@ def warmup_decay(decay: float, num_averaged: torch.Tensor) -> torch.Tensor:
     return torch.clamp((1.0 + n) / (10.0 + n), max=decay)
 
 
-def warmup_ema_avg_fn(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def warmup_ema_avg_fn(decay: float) -> "WarmupEmaAverage":
     """`AveragedModel`'s avg_fn: average + (1 - d) * (current - average), d = `warmup_decay`; integer
     buffers (BatchNorm's batch counter) take the current value. No host sync (d stays a tensor)."""
     if not 0.0 < decay < 1.0:
         raise ValueError(f"decay must be in (0, 1), got {decay}")
+    return WarmupEmaAverage(decay)
 
-    def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+
+class WarmupEmaAverage:
+    """The avg_fn of `warmup_ema_avg_fn` as a picklable object (ddp_spawn pickles the callbacks)."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+
+    def __call__(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
         if not averaged.is_floating_point():
             return current
-        d = warmup_decay(decay, num_averaged.to(averaged.device)).to(averaged.dtype)
+        d = warmup_decay(self.decay, num_averaged.to(averaged.device)).to(averaged.dtype)
         return torch.lerp(averaged, current, 1.0 - d)
-
-    return average
 
 
 class WarmupEMA(WeightAveraging):
