@@ -10,7 +10,8 @@ A method names its parameter groups and gives each a base rate, e.g. groups {"he
 The rate of group g is then rates[g] x factor, the factor set by `optim.schedule`:
 
 - ``step`` (every method but boxinst): factor = gamma ** floor(epoch / step_size), torch's `StepLR`
-  stepped once per epoch (P2PNet's, CSRNet's and XMask's schedule).
+  stepped once per epoch (the papers'); XMask, which sets its phase rates itself before every batch,
+  takes the same factor in closed form from `schedule_factor`.
 - ``step`` for boxinst, the one documented exception: detectron2's WarmupMultiStepLR, per optimizer
   step t: factor = gamma ** #{m in milestones : t >= m} x warm-up(t) (`warmup_multistep`), the
   milestones and warm-up from `boxinst.solver`; `optim.step_size` is not used.
