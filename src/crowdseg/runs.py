@@ -244,7 +244,7 @@ def build_loggers(cfg: DictConfig, path: Path) -> list[Logger]:
             group=f"{cfg.method}-{label_tag(cfg)}", tags=list(wb.tags) + [cfg.method, cfg.data.name],
             mode=wb.mode, save_dir=str(path), resume="allow", config=_plain(cfg)))
         # Lightning passes wandb.init(anonymous=None), which wandb answers with a deprecation warning on
-        # every run; `_wandb_init` is Lightning's private dict of init kwargs (test_runs_console checks it)
+        # every run; `_wandb_init` is Lightning's private dict of init kwargs (tests/test_first_day.py::test_the_console_is_quiet checks it)
         loggers[-1]._wandb_init.pop("anonymous", None)
     else:
         wandb_run_id(path)
