@@ -35,7 +35,9 @@ from datamodules.readers.jhu import read_jhu
 from datamodules.readers.nwpu import read_nwpu
 from datamodules.readers.shanghaitech import read_shanghaitech
 from datamodules.readers.ucf import read_qnrf, read_ucf_cc_50
+from datamodules.readers.union import read_union
 from datamodules.readers.xmask import read_xmask
+from datamodules.readers.yolo import read_yolo_seg
 
 Reader = Callable[..., "tuple[list[Record], list[Problem]]"]
 
@@ -52,6 +54,15 @@ READERS: dict[str, Reader] = {
     "coco": read_coco,
     "xmask": read_xmask,
     "folder": read_folder,
+    "yolo_seg": read_yolo_seg,
 }
+
+
+def read_sources(root, split: str, sources: list[dict]) -> "tuple[list[Record], list[Problem]]":
+    """Several datasets as one (`data.name: union`, `data.sources`; datamodules/readers/union.py)."""
+    return read_union(root, split, sources, READERS)
+
+
+READERS["union"] = read_sources
 
 __all__ = ["READERS", "Record", "Problem"]

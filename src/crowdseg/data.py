@@ -81,7 +81,8 @@ def dataset_options(cfg: DictConfig, split: str) -> dict[str, Any]:
                 "min_people": syn.min_people, "max_people": syn.max_people, "seed": syn.seed}
     return {"on_bad_annotation": data.on_bad_annotation, "on_duplicate_points": data.on_duplicate_points,
             "max_size": data.max_size, "cache_dir": data.cache_dir, "num_workers": data.num_workers,
-            "masks_dir": masks_dir_of(cfg, split), **OmegaConf.to_container(data.reader_options, resolve=True)}
+            "masks_dir": masks_dir_of(cfg, split), **OmegaConf.to_container(data.reader_options, resolve=True),
+            **({"sources": OmegaConf.to_container(data.sources, resolve=True)} if data.name == "union" else {})}
 
 
 def masks_dir_of(cfg: DictConfig, split: str) -> str | None:

@@ -59,6 +59,8 @@ class DataConfig:
     hflip: float = 0.5               # training horizontal-flip probability
     photometric: str = "none"        # training colour jitter / blur: none | weak | strong
     reader_options: dict[str, Any] = field(default_factory=dict)  # passed to the dataset reader
+    sources: list[Any] = field(default_factory=list)  # name=union: several datasets as one, each a dict
+                                     # {name, root, tag, split, splits, reader options} (datamodules/readers/union.py)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

@@ -8,8 +8,12 @@ steps) and, with `overlap_weight` > 0, OverlapLoss (one uniformly sampled propos
 the proposals of the other GTs of its image).
 
 Evaluation: detections (`postprocess`), their masks pasted at the original image size, COCO mask
-AP (`MaskAP`, against the instance maps, areas = mask areas), box AP against the boxes trained on,
-and the summed overlap degree of the predicted masks with score >= `overlap_score_threshold`.
+AP (`MaskAP`, against the instance maps, areas = mask areas, `ignore_boxes` as `iscrowd` regions), box
+AP against the boxes trained on, and the summed overlap degree of the predicted masks with score >=
+`overlap_score_threshold`. Beside them, the box supervision measured apart from detection: for every
+ground-truth box, the mask of its best positive location (`gt_box_locations`) cropped to the box,
+scored by mean IoU and mask AP against the instance's mask (`gtbox_*`), and the filled box itself
+(`gtboxfill_*`).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from crowdseg.lit.common import StageHooks, finish_stage, log_losses
 from crowdseg.losses.boxinst import (box_masks, color_similarity, image_lab, image_valid_masks, overlap_loss,
                                      pairwise_loss, projection_loss, sample_one_per_group, warmup_factor)
 from crowdseg.losses.fcos import fcos_losses, fcos_targets
-from crowdseg.metrics.detection import BoxAP, MaskOverlap
+from crowdseg.metrics.detection import BoxAP, MaskOverlap, PairedMaskIoU
 from crowdseg.metrics.torch_metrics import MaskAP
 from crowdseg.models.boxinst import BoxInst, pad_to, postprocess, predict_masks
 from crowdseg.optim import build_optimizer, heads_and_backbone, heads_and_backbone_rates
@@ -82,7 +86,11 @@ class BoxInstModule(StageHooks, L.LightningModule):
         self.model, self.settings, self.optim, self.total_steps = model, settings, optim, total_steps
         self.run_dir, self.num_pictures, self.seed = run_dir, num_pictures, seed
         self.mask_ap = nn.ModuleDict({s: MaskAP() for s in ("val", "test")})
-        self.boxfill_ap = nn.ModuleDict({s: BoxFillMaskAP() for s in ("val", "test")})
+        self.boxfill_ap = nn.ModuleDict({s: MaskAP(prefix="boxfill_") for s in ("val", "test")})
+        self.gtbox_ap = nn.ModuleDict({s: MaskAP(prefix="gtbox_") for s in ("val", "test")})
+        self.gtboxfill_ap = nn.ModuleDict({s: MaskAP(prefix="gtboxfill_") for s in ("val", "test")})
+        self.gtbox_iou = nn.ModuleDict({s: PairedMaskIoU("gtbox_") for s in ("val", "test")})
+        self.gtboxfill_iou = nn.ModuleDict({s: PairedMaskIoU("gtboxfill_") for s in ("val", "test")})
         self.box_ap = nn.ModuleDict({s: BoxAP() for s in ("val", "test")})
         self.overlap = nn.ModuleDict({s: MaskOverlap() for s in ("val", "test")})
 
@@ -171,12 +179,14 @@ class BoxInstModule(StageHooks, L.LightningModule):
 
     # -------------------------------------------------------------------------------- inference
     @torch.no_grad()
-    def predict_instances(self, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+    def predict_instances(self, batch: dict[str, Any], outputs: Optional[dict[str, torch.Tensor]] = None
+                          ) -> list[dict[str, torch.Tensor]]:
         """Per image: {"masks" (K, H, W) bool at the original size, "scores" (K,), "boxes" (K, 4) in
-        original pixels, "labels" (K,), "locations" (K,)}, best score first."""
+        original pixels, "labels" (K,), "locations" (K,)}, best score first. `outputs`: the model's
+        outputs on the batch when they are at hand."""
         s = self.settings.inference
-        images = pad_to(batch["image"])
-        outputs = self.model(images)
+        if outputs is None:
+            outputs = self.model(pad_to(batch["image"]))
         sizes = batch["image_size"].to(self.device)
         detections = postprocess(outputs, sizes, s.score_threshold, s.pre_nms_topk, s.nms_threshold, s.max_detections)
         originals = batch.get("orig_instance_map")
@@ -207,14 +217,56 @@ class BoxInstModule(StageHooks, L.LightningModule):
             raise KeyError("evaluation needs instance masks (`instance_map`); this dataset has none")
         return [m[:h, :w].to(self.device) for m, (h, w) in zip(batch["instance_map"], batch["image_size"].tolist())]
 
+    def _original_boxes(self, batch: dict[str, Any], key: str, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Boxes of `batch[key]` (resized-image pixels) in the pixels of the original sizes `sizes`."""
+        out = []
+        for b, ((h, w), size) in enumerate(zip(batch["image_size"].tolist(), sizes)):
+            boxes = batch[key][b].to(self.device).float().reshape(-1, 4).clone()
+            boxes[:, 0::2] *= size[1] / w
+            boxes[:, 1::2] *= size[0] / h
+            out.append(boxes)
+        return out
+
+    @torch.no_grad()
+    def gt_box_masks(self, batch: dict[str, Any], outputs: dict[str, torch.Tensor],
+                     sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """Per image, for each ground-truth box k (`loss.box_key`): {"masks" (G, H, W) the predicted
+        mask of its best positive location cropped to the box, "filled" (G, H, W) the box itself,
+        "scores" (G,)}, at the original sizes `sizes`."""
+        s = self.settings
+        boxes = self._boxes(batch)
+        originals = self._original_boxes({**batch, "_boxes": boxes}, "_boxes", sizes)
+        results = []
+        for b, (gt, size) in enumerate(zip(boxes, sizes)):
+            h, w = batch["image_size"][b].tolist()
+            locations, scores = gt_box_locations(outputs, b, gt, self.model.strides, self.model.sizes_of_interest,
+                                                 s.loss.center_radius)
+            filled = filled_boxes(originals[b], size)
+            masks = predict_masks(self.model, outputs, b, locations, (h, w), size, s.inference.mask_threshold,
+                                  s.inference.paste_chunk) & filled
+            results.append({"masks": masks, "filled": filled, "scores": scores})
+        return results
+
     def _eval_step(self, stage: str, batch: dict[str, Any], batch_idx: int) -> None:
         box_key, threshold = self.settings.loss.box_key, self.settings.inference.overlap_score_threshold
-        predictions = self.predict_instances(batch)
+        outputs = self.model(pad_to(batch["image"]))
+        predictions = self.predict_instances(batch, outputs)
         targets = self._targets(batch)
-        self.mask_ap[stage].update([{"masks": p["masks"], "scores": p["scores"]} for p in predictions],
-                                   [{"instance_map": t} for t in targets])
-        self.boxfill_ap[stage].update([{"masks": filled_boxes(p["boxes"], tuple(t.shape[-2:])), "scores": p["scores"]}
-                                       for p, t in zip(predictions, targets)], [{"instance_map": t} for t in targets])
+        sizes = [tuple(t.shape[-2:]) for t in targets]
+        crowds = (self._original_boxes(batch, "ignore_boxes", sizes) if batch.get("ignore_boxes") is not None
+                  else [torch.zeros(0, 4, device=self.device) for _ in targets])
+        truth = [{"instance_map": t, "crowd_masks": filled_boxes(c, size)} for t, c, size in zip(targets, crowds, sizes)]
+        self.mask_ap[stage].update([{"masks": p["masks"], "scores": p["scores"]} for p in predictions], truth)
+        self.boxfill_ap[stage].update([{"masks": filled_boxes(p["boxes"], size), "scores": p["scores"]}
+                                       for p, size in zip(predictions, sizes)], truth)
+        if batch.get(box_key) is not None:
+            on_gt = self.gt_box_masks(batch, outputs, sizes)
+            gt_masks = [t[None] == torch.arange(1, len(g["masks"]) + 1, device=t.device)[:, None, None]
+                        for t, g in zip(targets, on_gt)]
+            self.gtbox_iou[stage].update([g["masks"] for g in on_gt], gt_masks)
+            self.gtboxfill_iou[stage].update([g["filled"] for g in on_gt], gt_masks)
+            self.gtbox_ap[stage].update([{"masks": g["masks"], "scores": g["scores"]} for g in on_gt], truth)
+            self.gtboxfill_ap[stage].update([{"masks": g["filled"], "scores": g["scores"]} for g in on_gt], truth)
         gt_boxes = batch.get(box_key) if batch.get(box_key) is not None else batch.get("boxes")
         if gt_boxes is not None:
             scale = [float(m.get("scale", 1.0)) for m in batch["meta"]]
@@ -224,7 +276,8 @@ class BoxInstModule(StageHooks, L.LightningModule):
         self._save_pictures(stage, batch, batch_idx, predictions)
 
     def _end_stage(self, stage: str) -> dict[str, float]:
-        metrics = [self.mask_ap[stage], self.boxfill_ap[stage], self.box_ap[stage], self.overlap[stage]]
+        metrics = [self.mask_ap[stage], self.boxfill_ap[stage], self.box_ap[stage], self.overlap[stage],
+                   self.gtbox_iou[stage], self.gtboxfill_iou[stage], self.gtbox_ap[stage], self.gtboxfill_ap[stage]]
         return finish_stage(self, stage, metrics, self.run_dir, keep=lambda key: "mask_ar" not in key)
 
     def predict_step(self, batch, batch_idx):
@@ -261,12 +314,29 @@ class BoxInstModule(StageHooks, L.LightningModule):
                                algorithm=solver.optimizer, momentum=solver.momentum, milestones=solver)
 
 
-class BoxFillMaskAP(MaskAP):
-    """`MaskAP` of the box baseline (each detected box filled as its mask), keys prefixed `boxfill_`: logged
-    beside the predicted masks' AP, it shows whether the masks learned more than their boxes."""
+@torch.no_grad()
+def gt_box_locations(outputs: dict[str, torch.Tensor], image: int, boxes: torch.Tensor, strides, sizes_of_interest,
+                     center_radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The location that speaks for each ground-truth box: (locations (G,) flat index, scores (G,)).
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        return {f"boxfill_{key}": value for key, value in super().compute().items()}
+    boxes (G, 4) xyxy in input pixels of image `image`. Among the locations FCOS assigns to box k
+    (`fcos_targets`: centre sampling, the level's size range), the one with the best score
+    sqrt(class probability x centre-ness), as inference ranks detections; a box no location is
+    assigned to (smaller than a P3 cell) takes the P3 location nearest its centre.
+    """
+    g = boxes.shape[0]
+    scores = torch.sqrt(outputs["cls_logits"][image].sigmoid().amax(-1) * outputs["ctrness"][image].sigmoid())
+    if g == 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device), scores.new_zeros(0)
+    targets = fcos_targets(outputs["locations"], outputs["levels"], strides, boxes, None, None, sizes_of_interest,
+                           center_radius)
+    mine = targets.gt_index[None, :] == torch.arange(g, device=boxes.device)[:, None]          # (G, M)
+    best, locations = torch.where(mine, scores[None], torch.full_like(mine, -1.0, dtype=scores.dtype)).max(1)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    p3 = torch.nonzero(outputs["levels"] == 0).flatten()
+    nearest = p3[torch.cdist(centres, outputs["locations"][p3]).argmin(1)]
+    locations = torch.where(best >= 0, locations, nearest)
+    return locations, scores[locations]
 
 
 def filled_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -291,4 +361,4 @@ def instance_map(masks: torch.Tensor, scores: torch.Tensor, threshold: float = 0
     return out
 
 
-__all__ = ["BoxInstModule", "select_proposals", "instance_map", "filled_boxes"]
+__all__ = ["BoxInstModule", "select_proposals", "instance_map", "filled_boxes", "gt_box_locations"]

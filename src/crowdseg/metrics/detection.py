@@ -5,6 +5,8 @@
 - `MaskOverlap`: the quantity OverlapLoss targets, on the predicted binary masks: for every kept
   detection i, sum_{j != i} |m_i & m_j| / (|m_i| + |m_j|) (`overlap_sums`); the metric is the mean over
   detections ("overlap") plus the fraction of detections overlapping any other ("overlapping").
+- `PairedMaskIoU`: the mean IoU of masks predicted for known instances (one per ground-truth box)
+  with those instances' masks: what BoxInst's box losses learn, measured apart from detection.
 """
 from __future__ import annotations
 
@@ -70,6 +72,43 @@ class MaskOverlap(Metric):
         n = self.count.clamp_min(1)
         return {"overlap": self.total / n, "overlapping": self.overlapping / n,
                 "detections": self.count / self.images.clamp_min(1)}
+
+
+def paired_mask_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """(G,) IoU of pred[k] with gt[k]; pred, gt (G, H, W) bool. 0 where both are empty."""
+    p, g = pred.flatten(1), gt.flatten(1)
+    inter = (p & g).sum(1).double()
+    union = (p | g).sum(1).double()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(union))
+
+
+class PairedMaskIoU(Metric):
+    """Mean IoU of predicted masks with the ground-truth masks they were predicted for.
+
+    `update(preds, targets)`: per image, (G, H, W) bool masks, row k predicted for ground-truth row k.
+    Instances whose ground-truth mask is empty (wholly hidden by others in an id map) are left out.
+    `compute()` -> {"<prefix>mask_iou": mean over instances, "<prefix>instances": their number}.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, prefix: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.prefix = prefix
+        self.add_state("iou_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> None:
+        for pred, gt in zip(preds, targets):
+            if pred.shape != gt.shape:
+                raise ValueError(f"predicted masks {tuple(pred.shape)} differ from the targets {tuple(gt.shape)}")
+            present = gt.flatten(1).any(1)
+            self.iou_sum += paired_mask_iou(pred[present].to(self.device), gt[present].to(self.device)).sum()
+            self.count += present.sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {f"{self.prefix}mask_iou": self.iou_sum / self.count.clamp_min(1), f"{self.prefix}instances": self.count}
 
 
 class BoxAP(Metric):

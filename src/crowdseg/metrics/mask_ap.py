@@ -98,18 +98,21 @@ def masks_to_rles(masks: Any) -> list[dict]:
     return [_rle_to_json(r) for r in encoded]
 
 
-def build_coco_gt(images: Sequence[dict], gt_rles: Sequence[Sequence[dict]]) -> COCO:
+def build_coco_gt(images: Sequence[dict], gt_rles: Sequence[Sequence[dict]],
+                  crowd_rles: Optional[Sequence[Sequence[dict]]] = None) -> COCO:
     """An in-memory COCO ground truth: images [{"id", "height", "width"}], per-image RLE lists.
 
     Each GT gets its mask area as `area`, its mask box as `bbox`, iscrowd 0, category person.
+    `crowd_rles` (per image, optional) are `iscrowd` regions: detections inside them are ignored.
     """
     annotations = []
-    for image, rles in zip(images, gt_rles):
-        for rle in rles:
+    crowd_rles = crowd_rles if crowd_rles is not None else [[] for _ in images]
+    for image, rles, crowds in zip(images, gt_rles, crowd_rles):
+        for rle, iscrowd in [*((r, 0) for r in rles), *((r, 1) for r in crowds)]:
             coded = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
             annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": 1,
                                 "segmentation": rle, "area": float(mask_utils.area(coded)),
-                                "bbox": [float(v) for v in mask_utils.toBbox(coded)], "iscrowd": 0})
+                                "bbox": [float(v) for v in mask_utils.toBbox(coded)], "iscrowd": iscrowd})
     return _coco_from_dict({"images": [dict(i) for i in images], "annotations": annotations,
                             "categories": [dict(PERSON_CATEGORY)]})
 

@@ -186,7 +186,8 @@ class MaskAP(Metric):
 
     `update(preds, targets)`: per image, `preds[b]` = {"masks": (K, H, W) bool, "scores": (K,)}
     or {"instance_map": (H, W) int, "scores": scores[k - 1] of instance k}; `targets[b]` =
-    {"instance_map": (H, W)} or {"masks": (G, H, W)}. Missing scores count as 1.0.
+    {"instance_map": (H, W)} or {"masks": (G, H, W)}, optionally with "crowd_masks" (C, H, W) bool:
+    `iscrowd` regions, where detections are ignored as COCO does. Missing scores count as 1.0.
     `compute()` -> {"mask_ap", "mask_ap50", "mask_ap75", "mask_aps", "mask_apm", "mask_apl",
     "mask_ar_<maxDets>"..., "mask_ars", "mask_arm", "mask_arl"}; -1 where there is no GT.
     `backend`: "faster" (faster-coco-eval, default) or "pycocotools"; same numbers.
@@ -197,9 +198,11 @@ class MaskAP(Metric):
     is_differentiable = False
     higher_is_better = True
 
-    def __init__(self, max_dets: Sequence[int] = DEFAULT_MAX_DETS, backend: str = "faster", **kwargs: Any) -> None:
+    def __init__(self, max_dets: Sequence[int] = DEFAULT_MAX_DETS, backend: str = "faster", prefix: str = "",
+                 **kwargs: Any) -> None:
         kwargs.setdefault("dist_sync_fn", _gather_any)
         super().__init__(**kwargs)
+        self.prefix = prefix  # key prefix: several MaskAPs side by side (the box baselines of BoxInst)
         if backend not in BACKENDS:
             raise ValueError(f"unknown COCO evaluation backend {backend!r}; expected one of {BACKENDS}")
         self.max_dets = tuple(int(m) for m in max_dets)
@@ -215,7 +218,9 @@ class MaskAP(Metric):
             gt_rles, _, gt_size = _instances_to_rles(target, "target")
             if size != gt_size:
                 raise ValueError(f"prediction size {size} differs from target size {gt_size}")
-            record = {"size": list(size), "gt": [r["counts"] for r in gt_rles],
+            crowd = target.get("crowd_masks")
+            crowd_rles = masks_to_rles(crowd) if crowd is not None and len(crowd) else []
+            record = {"size": list(size), "gt": [r["counts"] for r in gt_rles], "crowd": [r["counts"] for r in crowd_rles],
                       "dt": [r["counts"] for r in dt_rles],
                       "scores": [1.0] * len(dt_rles) if scores is None else [float(s) for s in scores]}
             data = np.frombuffer(json.dumps(record).encode("utf-8"), dtype=np.uint8)
@@ -237,14 +242,15 @@ class MaskAP(Metric):
         records = self._decoded_records()
         if not records:
             keys = [*AP_KEYS, *(f"ar_{m}" for m in sorted(self.max_dets)), "ars", "arm", "arl"]
-            return _scalars({f"mask_{k}": -1.0 for k in keys})
-        images, gt_rles, detections = [], [], []
+            return _scalars({f"{self.prefix}mask_{k}": -1.0 for k in keys})
+        images, gt_rles, crowd_rles, detections = [], [], [], []
         for image_id, rec in enumerate(records, start=1):
             h, w = rec["size"]
             images.append({"id": image_id, "height": h, "width": w})
             gt_rles.append([{"size": [h, w], "counts": c} for c in rec["gt"]])
+            crowd_rles.append([{"size": [h, w], "counts": c} for c in rec.get("crowd", [])])
             detections.extend({"image_id": image_id, "category_id": 1, "score": s,
                                "segmentation": {"size": [h, w], "counts": c}}
                               for c, s in zip(rec["dt"], rec["scores"]))
-        results = coco_mask_ap(build_coco_gt(images, gt_rles), detections, self.max_dets, self.backend)
-        return _scalars({f"mask_{k}": v for k, v in results.items()})
+        results = coco_mask_ap(build_coco_gt(images, gt_rles, crowd_rles), detections, self.max_dets, self.backend)
+        return _scalars({f"{self.prefix}mask_{k}": v for k, v in results.items()})
