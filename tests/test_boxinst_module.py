@@ -71,7 +71,7 @@ def test_fast_dev_run_on_the_synthetic_crowd(tmp_path):
     trainer.fit(job.module, datamodule=job.datamodule)
     metrics = trainer.callback_metrics
     for key in ("train/loss", "train/projection", "train/pairwise", "train/overlap", "val/mask_ap", "val/box_ap",
-                "val/overlap"):
+                "val/overlap", "val/gtbox_mask_iou", "val/gtboxfill_mask_iou", "val/gtbox_mask_ap"):
         assert key in metrics, key
     assert torch.isfinite(metrics["train/loss"])
     # training used the whole-person boxes: the batch key exists in the synthetic training samples

@@ -36,9 +36,7 @@ def read_union(root: str | Path | None, split: str, sources: list[dict], readers
     if not sources:
         raise DataError("key 'data.sources': data.name=union needs at least one source")
     base = Path(root) if root is not None else None
-    records: list[Record] = []
-    problems: list[Problem] = []
-    tags: set[str] = set()
+    checked: list[tuple[str, str, dict]] = []
     for i, source in enumerate(sources):
         source = dict(source)
         if "name" not in source or "root" not in source:
@@ -46,11 +44,14 @@ def read_union(root: str | Path | None, split: str, sources: list[dict], readers
         name = source.pop("name")
         if name not in readers or name == "union":
             raise DataError(f"key 'data.sources[{i}].name': {name!r} is not a dataset reader")
-        tag = source_tag({"root": source["root"], **source})
+        tag = source_tag(source)
         source.pop("tag", None)
-        if tag in tags:
+        if tag in (t for t, _, _ in checked):
             raise DataError(f"key 'data.sources[{i}].tag': {tag!r} is used by two sources; give each its own tag")
-        tags.add(tag)
+        checked.append((tag, name, source))
+    records: list[Record] = []
+    problems: list[Problem] = []
+    for tag, name, source in checked:
         member_of = source.pop("splits", None)
         inner_split = source.pop("split", split)
         if member_of is not None and split not in member_of:

@@ -176,7 +176,19 @@ def with_label_record(cfg: DictConfig, split: LabelSplit, val_images: int) -> Di
     record = {"labeled_images": len(split.labeled), "unlabeled_images": len(split.unlabeled),
               "val_images": val_images, "fraction": round(split.fraction, 4), "source": split.source,
               "labeled_sha256": split.labeled_sha256}
+    if cfg.data.name == "union":
+        record["sources"] = source_counts(split)
     return OmegaConf.merge(cfg, {"labels": record})
+
+
+def source_counts(split: LabelSplit) -> dict[str, dict[str, int]]:
+    """Images of each source of a union (names `<tag>/<name>`) by role: {tag: {"labeled", "unlabeled", "val"}}."""
+    counts: dict[str, dict[str, int]] = {}
+    for role, names in (("labeled", split.labeled), ("unlabeled", split.unlabeled), ("val", split.val or ())):
+        for name in names:
+            tag = name.split("/", 1)[0]
+            counts.setdefault(tag, {"labeled": 0, "unlabeled": 0, "val": 0})[role] += 1
+    return counts
 
 
 def write_split_files(run_dir: Path, split: LabelSplit) -> list[Path]:

@@ -124,6 +124,7 @@ class LabelsRecord:
     fraction: Optional[float] = None  # 100 * labeled / (labeled + unlabeled)
     source: Optional[str] = None      # how the labeled images were chosen
     labeled_sha256: Optional[str] = None  # of the labeled list file, or of the run's splits/labeled.txt
+    sources: Optional[dict[str, Any]] = None  # data.name=union: images of each source by role
 
 
 @dataclass

@@ -15,7 +15,10 @@
 - `boxinst.eval_data`: evaluate on another dataset than the training one (CIS for CrowdHuman, COCO
   val for COCO train); its images are removed from the training set;
 - `boxinst.init_ckpt`: start from the weights of a BoxInst checkpoint (the OverlapLoss fine-tune
-  recipe); a resumed run still continues from its own `last.ckpt`.
+  recipe, or a synthetic run as the start of a real one); a resumed run still continues from its own
+  `last.ckpt`;
+- `boxinst.train_images`: `all`, or `overlapping`: only the training images where two training boxes
+  overlap (the OverlapLoss fine-tune on crowds of people).
 """
 from __future__ import annotations
 
@@ -23,15 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from crowdseg.errors import ConfigError
+from crowdseg.errors import ConfigError, DataError
 from crowdseg.methods.base import Job, Method
 
 NORMS = ("auto", "bn", "frozen_bn")
 BRANCH_NORMS = ("bn", "gn", "none")
 OPTIMIZERS = ("sgd", "adamw")
 OVERLAP_NORMALIZATIONS = ("instances", "pairs", "sum")
+TRAIN_IMAGES = ("all", "overlapping")
 
 
 @dataclass
@@ -120,6 +125,7 @@ class BoxInstConfig:
     solver: BoxInstSolverConfig = field(default_factory=BoxInstSolverConfig)
     eval_data: BoxInstEvalDataConfig = field(default_factory=BoxInstEvalDataConfig)
     init_ckpt: Optional[str] = None       # BoxInst checkpoint whose `model.*` weights start the run (fine-tune)
+    train_images: str = "all"             # all | overlapping: only images where two training boxes overlap
 
 
 def _choice(value: Any, choices: tuple, key: str) -> None:
@@ -134,6 +140,9 @@ def check(cfg: DictConfig) -> None:
     _choice(m.mask_branch_norm, BRANCH_NORMS, "boxinst.model.mask_branch_norm")
     _choice(lo.overlap_normalization, OVERLAP_NORMALIZATIONS, "boxinst.loss.overlap_normalization")
     _choice(so.optimizer, OPTIMIZERS, "boxinst.solver.optimizer")
+    _choice(b.train_images, TRAIN_IMAGES, "boxinst.train_images")
+    if b.train_images != "all" and cfg.data.name == "synthetic":
+        raise ConfigError("key 'boxinst.train_images': the synthetic crowd has no stored boxes to select by; use all")
     if m.fpn_channels < 32 or m.fpn_channels % 32:
         raise ConfigError(f"key 'boxinst.model.fpn_channels': must be a positive multiple of 32, got {m.fpn_channels}")
     for key in ("head_convs", "mask_branch_channels", "mask_channels", "dynamic_channels"):
@@ -192,6 +201,25 @@ def _dataset(cfg: DictConfig, split: str, transform, names=None):
     return build_dataset(cfg.data.name, cfg.data.root, split, transform=transform, names=names, **opts)
 
 
+def boxes_overlap(boxes: np.ndarray) -> bool:
+    """Whether two of the boxes (N, 4) xyxy share an area > 0."""
+    if len(boxes) < 2:
+        return False
+    lt = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    rb = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    np.fill_diagonal(inter, 0)
+    return bool((inter > 0).any())
+
+
+def with_overlapping_people(train):
+    """The training images where two people's boxes overlap (`boxinst.train_images: overlapping`)."""
+    names = [r.name for r in train.records if r.boxes is not None and boxes_overlap(r.boxes)]
+    if not names:
+        raise DataError("key 'boxinst.train_images': no training image has two overlapping boxes")
+    return train.subset(names)
+
+
 def _test_dataset(cfg: DictConfig, transform):
     """The test split, built on first use (a module-level function: DDP spawn pickles it), with its
     ground truth as published (exact duplicate points kept, as in `crowdseg.data.build_test_dataset`)."""
@@ -227,12 +255,16 @@ def build_datamodule(cfg: DictConfig):
         excluded = set(evaluation.names)
         split = plan_split(cfg)
         train = dataset(data.train_split, train_tf, [n for n in split.labeled if n not in excluded])
+        if cfg.boxinst.train_images == "overlapping":
+            train = with_overlapping_people(train)
         module = DetectionDataModule(train, evaluation, evaluation, data.batch_size, data.eval_batch_size,
                                      data.num_workers)
         module.datasets["predict"] = evaluation
     else:
         split = plan_split(cfg)
         train = dataset(data.train_split, train_tf, split.labeled)
+        if cfg.boxinst.train_images == "overlapping":
+            train = with_overlapping_people(train)
         if split.val is not None:
             val = dataset(data.train_split, eval_tf, split.val)
         else:
