@@ -236,3 +236,25 @@ def test_boxes_overlap():
     assert boxes_overlap(np.array([[0, 0, 10, 10], [5, 5, 15, 15]], np.float32))
     assert not boxes_overlap(np.array([[0, 0, 10, 10], [10, 0, 20, 10]], np.float32))   # touching is not overlapping
     assert not boxes_overlap(np.zeros((1, 4), np.float32))
+
+
+# -------------------------------------------------------------------- any COCO folder is a test set
+
+def test_a_checkpoint_alone_scores_any_coco_folder(tmp_path, capsys):
+    import json
+
+    from test_boxinst_module import TINY
+
+    from crowdseg.cli import main
+    from crowdseg.train import train
+
+    # val carved from the training images, as in every real-data recipe (the test set's reader has no splits)
+    result = train(load_config(EXPERIMENTS / "synthetic.yaml", TINY + [f"runs_root={tmp_path / 'runs'}",
+                                                                       "trainer.max_steps=2", "data.val_fraction=50"]))
+    ckpt = Path(result["run_dir"]) / "checkpoints" / "last.ckpt"
+    coco = make_coco(tmp_path / "mine")                 # instances.json with its images in images/ beside it
+    assert main(["test", "--ckpt", str(ckpt), "data.name=coco", f"data.root={coco}", "data.test_split=all"]) == 0
+    record = json.loads((Path(result["run_dir"]) / "metrics" / "test.json").read_text())
+    assert record["images"] == 2
+    assert {"test/mask_ap50", "test/boxfill_mask_ap50", "test/gtbox_mask_iou", "test/gtboxfill_mask_iou"} <= set(record["metrics"])
+    assert record["metrics"]["test/gtboxfill_instances"] == 3          # a.jpg's two people and b.jpg's one

@@ -230,11 +230,11 @@ class BoxInstModule(StageHooks, L.LightningModule):
     @torch.no_grad()
     def gt_box_masks(self, batch: dict[str, Any], outputs: dict[str, torch.Tensor],
                      sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
-        """Per image, for each ground-truth box k (`loss.box_key`): {"masks" (G, H, W) the predicted
-        mask of its best positive location cropped to the box, "filled" (G, H, W) the box itself,
-        "scores" (G,)}, at the original sizes `sizes`."""
+        """Per image, for each ground-truth box k (`loss.box_key`, else `boxes` when the evaluation set
+        has only those): {"masks" (G, H, W) the predicted mask of its best positive location cropped
+        to the box, "filled" (G, H, W) the box itself, "scores" (G,)}, at the original sizes `sizes`."""
         s = self.settings
-        boxes = self._boxes(batch)
+        boxes = self._boxes(batch, self._eval_box_key(batch))
         originals = self._original_boxes({**batch, "_boxes": boxes}, "_boxes", sizes)
         results = []
         for b, (gt, size) in enumerate(zip(boxes, sizes)):
@@ -247,8 +247,16 @@ class BoxInstModule(StageHooks, L.LightningModule):
             results.append({"masks": masks, "filled": filled, "scores": scores})
         return results
 
+    def _eval_box_key(self, batch: dict[str, Any]) -> Optional[str]:
+        """The ground-truth boxes evaluation compares with: the trained kind, else the set's `boxes`."""
+        for key in (self.settings.loss.box_key, "boxes"):
+            if batch.get(key) is not None:
+                return key
+        return None
+
     def _eval_step(self, stage: str, batch: dict[str, Any], batch_idx: int) -> None:
-        box_key, threshold = self.settings.loss.box_key, self.settings.inference.overlap_score_threshold
+        threshold = self.settings.inference.overlap_score_threshold
+        box_key = self._eval_box_key(batch)
         outputs = self.model(pad_to(batch["image"]))
         predictions = self.predict_instances(batch, outputs)
         targets = self._targets(batch)
@@ -259,7 +267,7 @@ class BoxInstModule(StageHooks, L.LightningModule):
         self.mask_ap[stage].update([{"masks": p["masks"], "scores": p["scores"]} for p in predictions], truth)
         self.boxfill_ap[stage].update([{"masks": filled_boxes(p["boxes"], size), "scores": p["scores"]}
                                        for p, size in zip(predictions, sizes)], truth)
-        if batch.get(box_key) is not None:
+        if box_key is not None:
             on_gt = self.gt_box_masks(batch, outputs, sizes)
             gt_masks = [t[None] == torch.arange(1, len(g["masks"]) + 1, device=t.device)[:, None, None]
                         for t, g in zip(targets, on_gt)]
@@ -267,8 +275,8 @@ class BoxInstModule(StageHooks, L.LightningModule):
             self.gtboxfill_iou[stage].update([g["filled"] for g in on_gt], gt_masks)
             self.gtbox_ap[stage].update([{"masks": g["masks"], "scores": g["scores"]} for g in on_gt], truth)
             self.gtboxfill_ap[stage].update([{"masks": g["filled"], "scores": g["scores"]} for g in on_gt], truth)
-        gt_boxes = batch.get(box_key) if batch.get(box_key) is not None else batch.get("boxes")
-        if gt_boxes is not None:
+        if box_key is not None:
+            gt_boxes = batch[box_key]
             scale = [float(m.get("scale", 1.0)) for m in batch["meta"]]
             self.box_ap[stage].update([p["boxes"] for p in predictions], [p["scores"] for p in predictions],
                                       [g.to(self.device).float() / sc for g, sc in zip(gt_boxes, scale)])
