@@ -29,7 +29,10 @@ def test_fast_dev_run_logs_counting_and_localization(experiment, tiny_overrides)
     mask_keys = {"train/mask_loss", "train/mask_background", "train/mask_unit_mass", "train/mask_skipped"}
     assert mask_keys <= set(result) if cfg.mask_loss.enabled else not mask_keys & set(result)
     val = json.loads((Path(result["run_dir"]) / "metrics" / "val.json").read_text())["metrics"]
-    assert set(val) == {f"val/{k}" for k in COUNTING_KEYS | LOCALIZATION_KEYS | {"mae_mean_baseline"}}
+    orig_keys = {f"orig_{k}" for k in LOCALIZATION_KEYS}
+    assert set(val) == {f"val/{k}" for k in COUNTING_KEYS | LOCALIZATION_KEYS | orig_keys | {"mae_mean_baseline"}}
+    # the synthetic images are loaded at their own size: original pixels are loaded pixels
+    assert all(val[f"val/orig_{k}"] == val[f"val/{k}"] for k in LOCALIZATION_KEYS)
     # tp + fn is the number of GT points at both radii; precision and recall are fractions
     assert val["val/sigma_s_tp"] + val["val/sigma_s_fn"] == val["val/sigma_l_tp"] + val["val/sigma_l_fn"] > 0
     assert val["val/sigma_s_tp"] <= val["val/sigma_l_tp"]          # the 8 px radius matches at least as many
@@ -98,3 +101,25 @@ def test_mask_coverage_of_records_and_wrappers():
     samples = [{"instance_map": torch.zeros(4, 4, dtype=torch.long)}]
     assert mask_coverage(samples) == ("all", None)
     assert mask_coverage([{"instance_map": None, "meta": {"name": "c.jpg"}}]) == ("none", "c.jpg")
+
+
+def test_f1_in_original_pixels_scales_the_matching_radius():
+    from crowdseg.lit.p2p import LOCALIZATION_RADII, in_original_pixels
+    from crowdseg.metrics.torch_metrics import LocalizationMetrics
+
+    gt = [torch.tensor([[10.0, 10.0], [40.0, 40.0]])]
+    pred = [torch.tensor([[16.0, 10.0], [41.0, 40.0]])]       # 6 px and 1 px away on the loaded image
+
+    def scores(scale: float) -> dict[str, float]:
+        loaded = LocalizationMetrics(fixed_radii=LOCALIZATION_RADII)
+        original = LocalizationMetrics(fixed_radii=LOCALIZATION_RADII, prefix="orig_")
+        loaded.update(pred, gt)
+        original.update(in_original_pixels(pred, [scale]), in_original_pixels(gt, [scale]))
+        return {k: float(v) for k, v in {**loaded.compute(), **original.compute()}.items()}
+
+    same = scores(1.0)
+    assert all(same[f"orig_{k}"] == same[k] for k in LOCALIZATION_KEYS)
+    assert same["sigma_l_tp"] == 2 and same["sigma_s_tp"] == 1
+    half = scores(0.5)              # loaded at half size: 6 loaded px are 12 original px, outside 8 px
+    assert half["orig_sigma_l_tp"] == 1 and half["orig_sigma_l_f1"] == pytest.approx(0.5)
+    assert half["sigma_l_tp"] == 2   # the loaded-image score is unchanged

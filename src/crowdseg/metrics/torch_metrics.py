@@ -70,7 +70,7 @@ class LocalizationMetrics(Metric):
     sigma_l. `matching`: "hopcroft-karp" (default, guaranteed O(E sqrt V)) or "official" (the
     NWPU code's tie-breaking, for per-level numbers identical to it). `compute()` -> {"sigma_s_precision", "sigma_s_recall", "sigma_s_f1",
     "sigma_s_tp/fp/fn", "sigma_s_recall_level0".."5", "sigma_s_recall_level_mean", and the same
-    for "sigma_l" (the main score)}.
+    for "sigma_l" (the main score)}, each key after `prefix`.
     """
 
     full_state_update = False
@@ -78,9 +78,11 @@ class LocalizationMetrics(Metric):
     higher_is_better = True
 
     def __init__(self, fixed_radii: Optional[Sequence[float]] = DEFAULT_FIXED_RADII,
-                 num_levels: int = NUM_LEVELS, matching: str = "hopcroft-karp", **kwargs: Any) -> None:
+                 num_levels: int = NUM_LEVELS, matching: str = "hopcroft-karp", prefix: str = "",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         matching_function(matching)  # fail early on an unknown name
+        self.prefix = prefix  # key prefix, e.g. "orig_" for the scores in original-image pixels
         self.matching = matching
         self.fixed_radii = None if fixed_radii is None else tuple(float(r) for r in fixed_radii)
         self.num_levels = num_levels
@@ -117,7 +119,7 @@ class LocalizationMetrics(Metric):
                                     for n in ("tp", "fp", "fn", "tp_level", "fn_level")))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return _scalars(flatten_summary(localization_summary(self.counts())))
+        return _scalars({self.prefix + k: v for k, v in flatten_summary(localization_summary(self.counts())).items()})
 
 
 class InstanceIoU(Metric):
