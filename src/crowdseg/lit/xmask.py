@@ -5,8 +5,9 @@ Orchestration only: the math is in losses/xmask.py, xmask/pseudo_masks.py and xm
 Teacher. `self.teacher` is `torch.optim.swa_utils.AveragedModel(self.model,
 multi_avg_fn=get_ema_multi_avg_fn(momentum))`: a copy of the student whose *parameters* are the
 EMA t <- m t + (1 - m) s, updated after every optimizer step (`optimizer_step`). With
-`use_buffers=False` its buffers (BatchNorm running statistics) are copied from the student at each
-update rather than averaged (under DDP, rank 0's are broadcast to every rank first). Its parameters
+`teacher_buffers="copy"` (published) its buffers (BatchNorm running statistics) are copied from the
+student at each update (statistics that include the strong views); with "ema" they are averaged like
+the parameters (under DDP, rank 0's are broadcast to every rank first). Its parameters
 never require gradients, it always runs in eval mode (`train()` is overridden), and it is a
 submodule, so it is saved in every checkpoint (with its `n_averaged` counter) and restored on
 resume. Every DDP rank applies the same update to the same (all-reduced) student, so teachers stay
@@ -17,8 +18,13 @@ unlabeled batch holds the weak view (`image`, to the teacher), the strong view w
 (`image_strong`, to the student) and the erased pixels (`cutout`). Supervised-only control
 (`semi=False`): a plain labeled batch.
 
-Phases (xmask/schedule.py). Phase 1: P2R on labeled points; unlabeled: teacher cells with logit >= 0
-are the student's P2R targets on the strong view (erased cells weigh 0). Phase 2: discriminative
+Phases (xmask/schedule.py). Phase 1: P2R on labeled points; unlabeled: teacher cells with logit >=
+`target_threshold` (0, published) are the student's P2R targets on the strong view (erased cells
+weigh 0); with `oracle` the unlabeled images' true points are the targets instead (a diagnostic upper
+bound: the true points are never used otherwise). The teacher's and the student's count errors on
+the unlabeled crops (true points, for the log only) are logged as `train/semi_teacher_count_error`
+and `train/semi_student_count_error`, and their means since the last validation as
+`val/unlabeled_teacher_count_mae` / `val/unlabeled_student_count_mae`. Phase 2: discriminative
 loss of the student's embedding at its own predicted points (logit > 0) against GT masks; unlabeled:
 teacher pseudo masks (energy gate), invalid zones of radius `invalid_radius` around unsure teacher
 points, region = not erased. Phase 3: P2R + mask constraint on GT masks; unlabeled: P2R on teacher
@@ -40,6 +46,8 @@ Evaluation logs, for `val` and `test`, the student's `mae`, `rmse`, `mse`, `nae`
 logit > 0 inside the image), localization `sigma_{s,l}_{precision,recall,f1,...}` of those cells'
 centres at 4 / 8 px, and `mean_iou_c` of the predicted instance maps (pseudo-mask builder with the
 evaluation settings) when the batch has GT instance maps; the teacher's as `teacher_<key>`.
+`evaluate` ("student", as the paper, or "teacher") is the network whose val MAE selects best.ckpt
+and which `predict` runs.
 """
 from __future__ import annotations
 
@@ -53,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchmetrics import MeanMetric
 
 from crowdseg.config.schema import OptimConfig
 from crowdseg.errors import DataError
@@ -73,6 +82,22 @@ def _sizes(batch: dict[str, Any]) -> list[tuple[int, int]]:
     """(H, W) of each image without padding: `meta["valid_size"]` (EvalTransform) or `image_size`."""
     sizes = batch["image_size"].tolist()
     return [tuple(m.get("valid_size") or s) for m, s in zip(batch.get("meta") or [{}] * len(sizes), sizes)]
+
+
+class _UnlabeledCountErrors:
+    """The mean count errors on unlabeled crops accumulated since the last validation (`finish_stage` part)."""
+
+    def __init__(self, errors: nn.ModuleDict):
+        self.errors = errors
+
+    def compute(self) -> dict[str, Tensor]:
+        if float(self.errors["teacher"].weight) == 0:   # no unlabeled batch since the last validation
+            return {}
+        return {f"unlabeled_{who}_count_mae": metric.compute() for who, metric in self.errors.items()}
+
+    def reset(self) -> None:
+        for metric in self.errors.values():
+            metric.reset()
 
 
 class _Prefixed:
@@ -122,10 +147,14 @@ class XMaskModule(StageHooks, L.LightningModule):
                  ema_momentum: float = 0.998, pseudo: PseudoMaskSettings = PseudoMaskSettings(),
                  eval_pseudo: PseudoMaskSettings = EVAL_PSEUDO, invalid_radius: float = 16.0,
                  mc_with_p2r: bool = True, soft_point_mask: bool = False, eval_teacher: bool = True,
-                 run_dir: Optional[Path] = None):
+                 run_dir: Optional[Path] = None, oracle: bool = False, target_threshold: float = 0.0,
+                 evaluate: str = "student", teacher_buffers: str = "copy"):
         super().__init__()
+        if evaluate not in ("student", "teacher") or (evaluate == "teacher" and not eval_teacher):
+            raise ValueError(f"evaluate must be student or teacher (with eval_teacher), got {evaluate!r}")
         self.model = model
-        self.teacher = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_momentum), use_buffers=False)
+        self.teacher = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_momentum),
+                                     use_buffers=teacher_buffers == "ema")
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.schedule, self.optim, self.semi = schedule, optim, semi
@@ -136,6 +165,9 @@ class XMaskModule(StageHooks, L.LightningModule):
         self.pseudo, self.eval_pseudo = pseudo, eval_pseudo
         self.invalid_radius, self.mc_with_p2r, self.soft_point_mask = invalid_radius, mc_with_p2r, soft_point_mask
         self.eval_teacher, self.run_dir = eval_teacher, run_dir
+        self.oracle, self.target_threshold, self.evaluate = oracle, target_threshold, evaluate
+        self.monitor = ("val/mae" if evaluate == "student" else "val/teacher_mae", "min")
+        self.unlabeled_errors = nn.ModuleDict({who: MeanMetric() for who in ("teacher", "student")})
         self.timings: Optional[dict[str, float]] = None  # set to {} to accumulate seconds per part
         who = ("student", "teacher") if eval_teacher else ("student",)
         self.metrics = nn.ModuleDict({f"{stage}_{w}": nn.ModuleDict({
@@ -287,17 +319,32 @@ class XMaskModule(StageHooks, L.LightningModule):
     def _phase1_semi(self, unlabeled) -> tuple[Tensor, dict]:
         with self._timed("teacher_forward"):
             t = self._teacher(unlabeled["image"], embedding=False)
-            targets = self._teacher_targets(t["logits"], unlabeled["image_size"])
+            teacher_points = self._teacher_targets(t["logits"], unlabeled["image_size"])
+        truth = [p.to(self.device) for p in unlabeled["points"]]
+        targets = truth if self.oracle else teacher_points
         with self._timed("student_semi"):
             s = self._student(unlabeled["image_strong"], embedding=False)
             loss = self.p2r(s["logits"], targets, self._kept_cells(unlabeled.get("cutout"), s["logits"].shape[-2:]))
-        return loss, {"p2r": loss.detach()}
+        errors = self._count_errors(teacher_points, s["logits"].detach(), unlabeled["image_size"], truth)
+        return loss, {"p2r": loss.detach(), **errors}
+
+    def _count_errors(self, teacher_points: list[Tensor], student_logits: Tensor, image_size: Tensor,
+                      truth: list[Tensor]) -> dict[str, Tensor]:
+        """Mean |count - true count| of the teacher (its targets) and the student (cells with logit > 0)
+        on the unlabeled crops; also accumulated for the next validation's log."""
+        true = torch.tensor([float(len(p)) for p in truth], device=student_logits.device)
+        teacher = torch.tensor([float(len(p)) for p in teacher_points], device=student_logits.device)
+        student = count_cells(student_logits, image_size.to(student_logits.device), stride=self.model.stride)
+        out = {"teacher_count_error": (teacher - true).abs().mean(), "student_count_error": (student - true).abs().mean()}
+        for who in ("teacher", "student"):
+            self.unlabeled_errors[who].update(out[f"{who}_count_error"], weight=len(truth))
+        return out
 
     def _teacher_targets(self, logits: Tensor, image_size: Tensor) -> list[Tensor]:
-        """Teacher cells with logit >= 0 (inside each image), XMask's P2R pseudo points."""
+        """Teacher cells with logit >= `target_threshold` (inside each image), XMask's P2R pseudo points."""
         out = []
         for b, (h, w) in enumerate(image_size.tolist()):
-            p, _ = logit_points(logits[b], 0.0, self.model.stride, inclusive=True)
+            p, _ = logit_points(logits[b], self.target_threshold, self.model.stride, inclusive=True)
             out.append(p[_inside(p, h, w)])
         return out
 
@@ -374,7 +421,8 @@ class XMaskModule(StageHooks, L.LightningModule):
                                          self._regions(unlabeled, sizes))
             loss, logs = terms["loss"], {f"mc_{k}": v for k, v in terms.items() if k != "loss"}
             if self.mc_with_p2r:
-                targets = self._teacher_targets(t["logits"], unlabeled["image_size"])
+                targets = ([p.to(self.device) for p in unlabeled["points"]] if self.oracle
+                           else self._teacher_targets(t["logits"], unlabeled["image_size"]))
                 p2r = self.p2r(s["logits"], targets, self._kept_cells(unlabeled.get("cutout"), s["logits"].shape[-2:]))
                 loss, logs["p2r"] = loss + p2r, p2r.detach()
         return loss, logs
@@ -415,8 +463,10 @@ class XMaskModule(StageHooks, L.LightningModule):
             prefix = "" if who == "student" else "teacher_"
             m = self.metrics[f"{stage}_{who}"]
             parts += [_Prefixed(m[k], prefix) for k in ("counting", "localization", "iou")]
+        if stage == "val":
+            parts.append(_UnlabeledCountErrors(self.unlabeled_errors))
         return finish_stage(self, stage, parts, self.run_dir, keep=_keep_key)
 
     def predict_step(self, batch, batch_idx):
         return [{"name": m.get("name"), **{k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in p.items()}}
-                for m, p in zip(batch["meta"], self.predict_batch(batch))]
+                for m, p in zip(batch["meta"], self.predict_batch(batch, teacher=self.evaluate == "teacher"))]

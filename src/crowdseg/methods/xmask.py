@@ -4,7 +4,11 @@ three phases (METHODS.md A2; crowdseg/lit/xmask.py, docs/xmask.md).
 The labeled images of `data` (label fraction or `data.labeled_list`) train with their points and
 instance masks; with `xmask.semi` the other training images are the unlabeled pool (weak view to the
 teacher, strong view + cutout to the student). `xmask.semi: false` is the supervised-only control on
-the same labeled images and schedule.
+the same labeled images and schedule; `xmask.unlabeled_targets: oracle` gives the unlabeled branch the
+unlabeled images' true points instead of the teacher's (a diagnostic upper bound of the branch).
+`xmask.init_ckpt` starts student and teacher from an XMask checkpoint (e.g. a converged supervised
+run), so the unlabeled branch starts from a competent teacher; `xmask.evaluate` picks the network
+that selects best.ckpt and predicts (validation and test always report both).
 """
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ from crowdseg.methods.base import Job, Method
 GROUPS = ("encoder", "fuse", "decoder", "mask_head")
 UNITS = ("epoch", "step")
 PHOTOMETRIC = ("none", "weak", "strong")
+TARGETS = ("teacher", "oracle")
+NETWORKS = ("student", "teacher")
+TEACHER_BUFFERS = ("copy", "ema")
 
 
 @dataclass
@@ -37,6 +44,11 @@ class XMaskModelConfig:
 class XMaskConfig:
     """Teacher-student schedule, losses and pseudo masks (METHODS.md A2.2-A2.6); published defaults."""
     semi: bool = True                 # False: supervised-only control (labeled images only, no teacher branch)
+    unlabeled_targets: str = "teacher"  # teacher (published) | oracle: the unlabeled images' true points
+    target_threshold: float = 0.0     # teacher cells with logit >= this are P2R targets (0: published)
+    init_ckpt: Optional[str] = None   # XMask checkpoint whose student (and teacher) start the run
+    evaluate: str = "student"         # the network that selects best.ckpt and predicts: student | teacher
+    teacher_buffers: str = "copy"     # teacher BatchNorm statistics: copy the student's (published) | ema
     unlabeled_batch_size: Optional[int] = None  # global; None: data.batch_size
     ema_momentum: float = 0.998
     # schedule: phase 1 [0, phase1_end), phase 2 [phase1_end, phase2_end), phase 3 after; in `phase_unit`s
@@ -94,8 +106,12 @@ def _fail(key: str, message: str) -> None:
 
 def check(cfg: DictConfig) -> None:
     x, m = cfg.xmask, cfg.model
-    if x.phase_unit not in UNITS:
-        _fail("xmask.phase_unit", f"{x.phase_unit!r} is not one of {', '.join(UNITS)}")
+    for key, choices in (("phase_unit", UNITS), ("unlabeled_targets", TARGETS), ("evaluate", NETWORKS),
+                         ("teacher_buffers", TEACHER_BUFFERS)):
+        if x[key] not in choices:
+            _fail(f"xmask.{key}", f"{x[key]!r} is not one of {', '.join(choices)}")
+    if x.evaluate == "teacher" and not x.eval_teacher:
+        _fail("xmask.eval_teacher", "must be true when xmask.evaluate=teacher")
     if x.phase1_end < 0:
         _fail("xmask.phase1_end", f"must be >= 0, got {x.phase1_end}")
     if x.phase2_end < x.phase1_end:
@@ -172,7 +188,8 @@ def build_module(cfg: DictConfig, model, run_dir: Optional[Path]):
                                        p_low=x.p_low, p_mid=x.p_mid, p_high=x.p_high, kernel_size=x.smooth_kernel,
                                        sigma=x.eval_sigma),
         invalid_radius=x.invalid_radius, mc_with_p2r=x.mc_with_p2r, soft_point_mask=x.soft_point_mask,
-        eval_teacher=x.eval_teacher, run_dir=run_dir)
+        eval_teacher=x.eval_teacher, run_dir=run_dir, oracle=x.unlabeled_targets == "oracle",
+        target_threshold=x.target_threshold, evaluate=x.evaluate, teacher_buffers=x.teacher_buffers)
 
 
 def reaches_phase2(cfg: DictConfig) -> bool:
@@ -220,9 +237,28 @@ def build_datamodule(cfg: DictConfig):
     return datamodule
 
 
+def load_start(module, path: str) -> None:
+    """Student and teacher from an XMask checkpoint (`xmask.init_ckpt`); a checkpoint without a teacher
+    (or a plain state dict) starts the teacher as a copy of the student."""
+    from crowdseg.methods.weights import load_weights
+
+    key, hint = "xmask.init_ckpt", "train the supervised run first (xmask.semi=false)"
+    load_weights(module.model, path, key, hint=hint, method="xmask")
+    try:
+        load_weights(module.teacher.module, path, key, prefixes=("teacher.module.",), method="xmask")
+    except ConfigError as err:
+        if "holds no" not in str(err):
+            raise
+        module.teacher.module.load_state_dict(module.model.state_dict())
+    module.teacher.n_averaged.fill_(1)  # an AveragedModel that has averaged nothing copies the student at its first update
+
+
 def build(cfg: DictConfig, run_dir: Path) -> Job:
     datamodule = build_datamodule(cfg)
-    return Job(build_module(cfg, build_model(cfg.model), run_dir), datamodule)
+    module = build_module(cfg, build_model(cfg.model), run_dir)
+    if cfg.xmask.init_ckpt:
+        load_start(module, cfg.xmask.init_ckpt)
+    return Job(module, datamodule)
 
 
 METHOD = Method(name="xmask", sections={"model": XMaskModelConfig, "xmask": XMaskConfig}, build=build, check=check,

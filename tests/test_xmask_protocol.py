@@ -1,0 +1,148 @@
+"""XMask's experiment switches (issue 18): a fixed teacher's targets move the student, the oracle feeds the
+unlabeled images' true points, count errors on unlabeled crops, init_ckpt for student and teacher, the
+evaluated network, the teacher's BatchNorm statistics."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crowdseg.errors import ConfigError
+from datamodules.types import collate_samples
+from xmask_fixtures import tiny_datamodule, tiny_module
+
+
+def _unlabeled_batch(seed: int = 0) -> dict:
+    dm = tiny_datamodule(seed=seed)
+    return collate_samples([dm.unlabeled[i] for i in range(2)])
+
+
+def test_the_unlabeled_loss_moves_the_student_toward_a_fixed_teachers_targets():
+    """Two fixed, known teachers from the same start: each student ends closer to its own teacher's
+    targets (a lower P2R loss against them) than the student taught by the other teacher."""
+    batch = _unlabeled_batch()
+    batch.pop("cutout")                                      # every cell counts
+    targets = {"a": [torch.tensor([[20.0, 20.0], [44.0, 44.0]]), torch.tensor([[12.0, 50.0]])],
+               "b": [torch.tensor([[50.0, 12.0]]), torch.tensor([[20.0, 20.0], [30.0, 40.0], [52.0, 52.0]])]}
+
+    def taught_by(name: str):
+        module = tiny_module(unit="step", phase1_end=100, phase2_end=100, seed=0)
+        module._phase = 1
+        module._teacher_targets = lambda logits, image_size: targets[name]
+        optimizer = torch.optim.Adam(module.model.parameters(), lr=1e-3)
+        for _ in range(30):  # the first steps push every cell down; the targets separate the students after
+            loss, _ = module._phase1_semi(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            logits = module.model(batch["image_strong"])["logits"]
+            return {k: float(module.p2r(logits, t)) for k, t in targets.items()}
+
+    a, b = taught_by("a"), taught_by("b")
+    assert a["a"] < b["a"] and b["b"] < a["b"]
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+def test_the_oracle_feeds_the_true_points_and_both_count_errors_are_logged(oracle):
+    module = tiny_module(unit="step", phase1_end=100, phase2_end=100, oracle=oracle)
+    module._phase = 1
+    batch = _unlabeled_batch()
+    teacher_points = [torch.zeros(0, 2), torch.tensor([[4.0, 4.0]])]
+    module._teacher_targets = lambda logits, image_size: teacher_points
+    seen = {}
+
+    def p2r(logits, targets, weights=None):
+        seen["targets"] = targets
+        return logits.sum() * 0.0
+
+    module.p2r.forward = p2r
+    _, logs = module._phase1_semi(batch)
+    expected = batch["points"] if oracle else teacher_points
+    assert len(seen["targets"]) == 2
+    for got, want in zip(seen["targets"], expected):
+        assert torch.equal(got, want)
+    true = torch.tensor([float(len(p)) for p in batch["points"]])
+    assert float(logs["teacher_count_error"]) == pytest.approx(float((torch.tensor([0.0, 1.0]) - true).abs().mean()))
+    assert float(logs["student_count_error"]) >= 0
+    from crowdseg.lit.xmask import _UnlabeledCountErrors
+
+    errors = _UnlabeledCountErrors(module.unlabeled_errors)
+    assert errors.compute()["unlabeled_teacher_count_mae"] == pytest.approx(float(logs["teacher_count_error"]))
+    errors.reset()
+    assert errors.compute() == {}                            # nothing since the last validation: nothing logged
+
+
+def test_target_threshold_keeps_only_confident_teacher_cells():
+    module = tiny_module(target_threshold=2.0)
+    logits = torch.full((1, 1, 4, 4), -5.0)
+    logits[0, 0, 1, 1], logits[0, 0, 2, 3] = 1.0, 3.0
+    targets = module._teacher_targets(logits, torch.tensor([[32, 32]]))
+    assert targets[0].tolist() == [[13.5, 9.5]]              # the cell at logit 3 only (column 3, row 2; stride 4)
+    assert len(tiny_module()._teacher_targets(logits, torch.tensor([[32, 32]]))[0]) == 2   # published: logit >= 0
+
+
+def test_init_ckpt_loads_student_and_teacher_and_refuses_another_method(tmp_path):
+    from crowdseg.methods.xmask import load_start
+
+    source = tiny_module(seed=1)
+    with torch.no_grad():
+        for p in source.teacher.module.parameters():
+            p.add_(1.0)                                       # a teacher that differs from its student
+    path = tmp_path / "supervised.ckpt"
+    torch.save({"state_dict": source.state_dict(), "crowdseg_config": "method: xmask\nseed: 0\n"}, path)
+    module = tiny_module(seed=2)
+    load_start(module, str(path))
+    for (name, got), want in zip(module.model.state_dict().items(), source.model.state_dict().values()):
+        assert torch.equal(got, want), name
+    for (name, got), want in zip(module.teacher.module.state_dict().items(), source.teacher.module.state_dict().values()):
+        assert torch.equal(got, want), name
+    before = [p.clone() for p in module.teacher.module.parameters()]
+    module.teacher.update_parameters(module.model)           # an EMA step, not a copy of the student
+    assert not torch.equal(next(module.teacher.module.parameters()), next(module.model.parameters()))
+    assert not torch.equal(next(module.teacher.module.parameters()), before[0])
+
+    other = tmp_path / "p2p.ckpt"
+    torch.save({"state_dict": source.state_dict(), "crowdseg_config": "method: p2p\n"}, other)
+    with pytest.raises(ConfigError) as err:
+        load_start(tiny_module(), str(other))
+    assert str(err.value).count("\n") == 0 and "xmask.init_ckpt" in str(err.value) and "'p2p'" in str(err.value)
+
+
+def test_a_checkpoint_without_a_teacher_starts_the_teacher_as_the_student(tmp_path):
+    from crowdseg.methods.xmask import load_start
+
+    source = tiny_module(seed=1)
+    path = tmp_path / "weights.pt"
+    torch.save({f"model.{k}": v for k, v in source.model.state_dict().items()}, path)
+    module = tiny_module(seed=2)
+    load_start(module, str(path))
+    for got, want in zip(module.teacher.module.state_dict().values(), source.model.state_dict().values()):
+        assert torch.equal(got, want)
+
+
+def test_the_evaluated_network_selects_and_predicts():
+    assert tiny_module().monitor == ("val/mae", "min")
+    module = tiny_module(evaluate="teacher")
+    assert module.monitor == ("val/teacher_mae", "min")
+    with torch.no_grad():
+        for p in module.teacher.module.parameters():
+            p.zero_()                                         # a teacher that predicts nobody
+    batch = {"image": torch.rand(1, 3, 64, 64), "image_size": torch.tensor([[64, 64]]), "meta": [{"name": "a"}],
+             "points": [torch.zeros(0, 2)]}
+    module.eval()
+    assert module.predict_step(batch, 0)[0]["count"] == 0
+    with pytest.raises(ValueError, match="evaluate"):
+        tiny_module(evaluate="teacher", eval_teacher=False)
+
+
+def test_teacher_batchnorm_statistics_copied_or_averaged():
+    copied, averaged = tiny_module(), tiny_module(teacher_buffers="ema")
+    for module in (copied, averaged):
+        module.model.train()
+        module.model(torch.rand(2, 3, 64, 64))               # moves the student's running statistics
+        module.teacher.update_parameters(module.model)        # the first update copies everything
+        module.model(torch.rand(2, 3, 64, 64) * 3)
+        module.teacher.update_parameters(module.model)
+    mean = lambda m: next(b for n, b in m.named_buffers() if n.endswith("running_mean"))  # noqa: E731
+    assert torch.equal(mean(copied.teacher.module), mean(copied.model))
+    assert not torch.equal(mean(averaged.teacher.module), mean(averaged.model))
