@@ -2,7 +2,8 @@
 
 Every writer in the project (checkpoints aside, which Lightning writes) goes through these helpers:
 the data is written to a temporary file in the target directory and moved into place with
-`os.replace`, which is atomic on POSIX file systems.
+`os.replace`, which is atomic on POSIX file systems. `CONFIG_KEY` names the entry of a checkpoint that
+holds its run's resolved config (written by crowdseg.train, read by crowdseg.runs and the weight loader).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+CONFIG_KEY = "crowdseg_config"  # the key of a checkpoint's resolved config (YAML text), written by crowdseg.train
 
 
 def _umask() -> int:

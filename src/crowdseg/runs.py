@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from crowdseg.config import to_yaml
 from crowdseg.errors import ConfigError
-from crowdseg.io import atomic_path, write_text_atomic
+from crowdseg.io import CONFIG_KEY, atomic_path, write_text_atomic
 from datamodules.splits import fraction_tag
 
 LAST = "last.ckpt"
@@ -290,7 +290,6 @@ def config_from_checkpoint(ckpt: str | Path, overrides: list[str] | tuple[str, .
     import yaml
 
     from crowdseg.config.load import _parse_overrides, compose
-    from crowdseg.train import CONFIG_KEY
 
     path = check_checkpoint(ckpt)
     stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get(CONFIG_KEY)

@@ -16,10 +16,9 @@ from crowdseg.continuation import StepSeed, kill_hooks, remove_stale_temporaries
 from crowdseg.errors import ConfigError
 from crowdseg.methods import METHODS, Job, Method
 from crowdseg.metrics import write_metrics_json
-from crowdseg.runs import (AtomicCheckpointIO, best_checkpoint, build_checkpoint_callbacks, build_loggers,
+from crowdseg.runs import (CONFIG_KEY, AtomicCheckpointIO, best_checkpoint, build_checkpoint_callbacks, build_loggers,
                            check_checkpoint, last_checkpoint, locate_run, prepare_run_dir, run_dir, trained_run_dir)
 
-CONFIG_KEY = "crowdseg_config"  # a checkpoint's resolved config (YAML text)
 
 
 def trainable(cfg: DictConfig) -> Method:

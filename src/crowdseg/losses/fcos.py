@@ -21,16 +21,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-INF = float("inf")
-DEFAULT_SIZES_OF_INTEREST = (64, 128, 256, 512)  # level boundaries of the largest regression distance
-
-
-def level_ranges(num_levels: int, sizes_of_interest: Sequence[float] = DEFAULT_SIZES_OF_INTEREST) -> torch.Tensor:
-    """(L, 2) [lo, hi] of the largest regression distance per level: [0, s0], [s0, s1], ..., [s_last, inf]."""
-    if len(sizes_of_interest) != num_levels - 1:
-        raise ValueError(f"{num_levels} levels need {num_levels - 1} sizes of interest, got {len(sizes_of_interest)}")
-    bounds = [0.0, *[float(s) for s in sizes_of_interest], INF]
-    return torch.tensor([[bounds[i], bounds[i + 1]] for i in range(num_levels)])
+from crowdseg.models.fcos_geometry import DEFAULT_SIZES_OF_INTEREST, INF, decode_boxes, level_ranges  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -102,12 +93,6 @@ def _ignore(targets: FcosTargets, locations: torch.Tensor, ignore_boxes: Optiona
     inside = ((x >= ib[:, 0]) & (x <= ib[:, 2]) & (y >= ib[:, 1]) & (y <= ib[:, 3])).any(dim=1)
     targets.labels[inside & (targets.labels == -1)] = -2
     return targets
-
-
-def decode_boxes(locations: torch.Tensor, ltrb: torch.Tensor) -> torch.Tensor:
-    """Boxes xyxy from locations (..., 2) and distances (..., 4) left, top, right, bottom."""
-    x, y = locations[..., 0], locations[..., 1]
-    return torch.stack([x - ltrb[..., 0], y - ltrb[..., 1], x + ltrb[..., 2], y + ltrb[..., 3]], dim=-1)
 
 
 def fcos_losses(cls_logits: torch.Tensor, box_ltrb: torch.Tensor, ctrness_logits: torch.Tensor,

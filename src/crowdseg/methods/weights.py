@@ -47,7 +47,9 @@ def _method_of(checkpoint: Any) -> str | None:
     """The `method` of the run that wrote a crowdseg checkpoint (its stored config), None for others."""
     import yaml
 
-    text = checkpoint.get("crowdseg_config") if isinstance(checkpoint, dict) else None  # crowdseg.train.CONFIG_KEY
+    from crowdseg.io import CONFIG_KEY
+
+    text = checkpoint.get(CONFIG_KEY) if isinstance(checkpoint, dict) else None
     stored = yaml.safe_load(text) if isinstance(text, str) else None
     return stored.get("method") if isinstance(stored, dict) else None
 

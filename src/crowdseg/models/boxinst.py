@@ -33,7 +33,7 @@ from torchvision.ops import FrozenBatchNorm2d, batched_nms
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 from crowdseg.errors import ConfigError
-from crowdseg.losses.fcos import DEFAULT_SIZES_OF_INTEREST, decode_boxes
+from crowdseg.models.fcos_geometry import DEFAULT_SIZES_OF_INTEREST, decode_boxes
 from crowdseg.models.backbone import Normalize
 
 FPN_STRIDES = (8, 16, 32, 64, 128)
