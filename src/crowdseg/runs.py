@@ -217,7 +217,10 @@ def wandb_run_id(path: Path) -> str:
 
 
 class _AppendingWriter(_ExperimentWriter):
-    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it instead."""
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it instead.
+
+    Private Lightning API: `_ExperimentWriter`, its `_check_log_dir_exists`, `_fs`, `metrics_file_path`
+    and `metrics_keys` (tests/test_lightning_private_api.py fails when they change)."""
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
@@ -265,7 +268,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """Writes only `last.ckpt`: every `every_n_train_steps` steps and at the end of every epoch."""
+    """Writes only `last.ckpt`: every `every_n_train_steps` steps and at the end of every epoch.
+
+    Private Lightning API: `ModelCheckpoint._should_skip_saving_checkpoint`, `_save_last_checkpoint` and
+    `_monitor_candidates` (tests/test_lightning_private_api.py fails when their signatures change)."""
 
     def __init__(self, dirpath: Path, every_n_train_steps: int):
         super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_top_k=0, save_last=True)
