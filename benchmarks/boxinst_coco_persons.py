@@ -11,7 +11,10 @@ own commands (a killed run resumes when the script is rerun):
 The test metrics name what is compared: `mask_*` (the detections' predicted masks) beside `boxfill_*`
 (the same detections, each box filled), `gtbox_*` (the masks predicted for the ground-truth boxes)
 beside `gtboxfill_*` (the ground-truth boxes filled). `--summary` writes the table (mean +- std over
-seeds) and the per-seed numbers to benchmarks/results/boxinst_coco_persons.json.
+seeds) and the per-seed numbers to benchmarks/results/boxinst_coco_persons.json. `--retest-last` also
+scores each base run's last.ckpt (the end of its cosine schedule, no selection) into
+`metrics/test_last.json`. The synthetic start is compared with the base runs on their shared val grid
+(`val_at_equal_steps`): it may be stopped early, at equal steps the two schedules are the same.
 
     OMP_NUM_THREADS=2 python benchmarks/boxinst_coco_persons.py --seeds 0 1 2
     python benchmarks/boxinst_coco_persons.py --summary --figure docs/figures/boxinst_coco_persons.png
@@ -31,14 +34,15 @@ EXPERIMENTS = ROOT / "experiments" / "boxinst"
 RESULTS = ROOT / "benchmarks" / "results" / "boxinst_coco_persons.json"
 SYNTHETIC = ROOT / "runs" / "boxinst" / "synthetic" / "boxinst-synthetic-lf100-s0" / "checkpoints" / "last.ckpt"
 # (label, arm, metric prefix): the arm is the run's name without its seed
-ROWS = (("BoxInst, detections' masks", "base", ""),
-        ("the same detections, boxes filled", "base", "boxfill_"),
-        ("BoxInst, masks on GT boxes", "base", "gtbox_"),
-        ("GT boxes filled", "base", "gtboxfill_"),
-        ("synthetic start, detections' masks", "synstart", ""),
-        ("synthetic start, masks on GT boxes", "synstart", "gtbox_"),
-        ("fine-tune without OverlapLoss", "finetune", ""),
-        ("fine-tune with OverlapLoss", "overlap", ""))
+# (label, arm, metric prefix, metrics file): best.ckpt's test.json, or last.ckpt's test_last.json
+ROWS = (("BoxInst, detections' masks", "base", "", "test"),
+        ("the same detections, boxes filled", "base", "boxfill_", "test"),
+        ("BoxInst, masks on GT boxes", "base", "gtbox_", "test"),
+        ("GT boxes filled", "base", "gtboxfill_", "test"),
+        ("BoxInst at last.ckpt, detections' masks", "base", "", "test_last"),
+        ("BoxInst at last.ckpt, masks on GT boxes", "base", "gtbox_", "test_last"),
+        ("fine-tune without OverlapLoss", "finetune", "", "test"),
+        ("fine-tune with OverlapLoss", "overlap", "", "test"))
 KEYS = ("mask_ap", "mask_ap50", "mask_ap75", "mask_iou", "overlap")
 
 
@@ -74,6 +78,42 @@ def arm_overrides(arm: str, seed: int, out: Path, synthetic: Path) -> list[str]:
     return []
 
 
+def retest_last(out: Path, seed: int) -> None:
+    """`crowdseg test --ckpt last.ckpt` of the base run, kept as metrics/test_last.json (test.json stays
+    the val-selected best.ckpt's)."""
+    metrics_dir = run_dir(out, "base", seed) / "metrics"
+    best = (metrics_dir / "test.json").read_text()
+    args = [sys.executable, "-m", "crowdseg", "test", "--ckpt", str(run_dir(out, "base", seed) / "checkpoints" / "last.ckpt")]
+    print("+", " ".join(args[2:]), flush=True)
+    done = subprocess.run(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
+    if done.returncode != 0:
+        raise SystemExit(f"boxinst_coco_persons: testing last.ckpt of base seed {seed} failed")
+    (metrics_dir / "test.json").replace(metrics_dir / "test_last.json")
+    (metrics_dir / "test.json").write_text(best)
+
+
+def val_rows(out: Path, arm: str) -> dict[int, dict[int, dict[str, float]]]:
+    """{seed: {step: val metrics}} from the runs' metrics.csv."""
+    import csv
+
+    found = {}
+    for path in sorted(out.glob(str(run_dir(Path(), arm, "*") / "csv" / "metrics.csv"))):
+        seed = int(path.parent.parent.name.rsplit("seed", 1)[1])
+        with open(path) as f:
+            found[seed] = {int(r["step"]) + 1: {k.split("/", 1)[1]: float(v) for k, v in r.items() if k.startswith("val/") and v}
+                           for r in csv.DictReader(f) if r.get("val/gtbox_mask_iou")}
+    return found
+
+
+def val_at_equal_steps(out: Path, keys=("gtbox_mask_iou", "gtboxfill_mask_iou", "mask_ap50", "box_ap50")) -> dict:
+    """The synthetic start beside the base run of the same seed at every step both validated."""
+    base, start = val_rows(out, "base"), val_rows(out, "synstart")
+    return {f"seed{seed}": {str(step): {"random start": {k: base[seed][step][k] for k in keys},
+                                        "synthetic start": {k: rows[step][k] for k in keys}}
+                            for step in sorted(rows) if step in base.get(seed, {})}
+            for seed, rows in start.items()}
+
+
 def metrics(out: Path, arm: str, stage: str) -> dict[int, dict[str, float]]:
     """{seed: {metric: value}} of the runs of `arm` with a `metrics/<stage>.json`."""
     found = {}
@@ -92,8 +132,8 @@ def summary(out: Path) -> str:
     """Markdown table of the test metrics: mean +- std over the seeds found, per row of ROWS."""
     lines = ["| run (test: coco_mini val, 79 images) | seeds | " + " | ".join(KEYS) + " |",
              "|---|---:|" + "---:|" * len(KEYS)]
-    for label, arm, prefix in ROWS:
-        found = metrics(out, arm, "test")
+    for label, arm, prefix, stage in ROWS:
+        found = metrics(out, arm, stage)
         if not found:
             continue
         cells = []
@@ -212,6 +252,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "boxinst_coco_persons", help="runs_root of every run")
     parser.add_argument("--synthetic-ckpt", type=Path, default=SYNTHETIC, help="the synthetic run the synstart arm starts from")
     parser.add_argument("--summary", action="store_true", help="write the table of the runs under --out and stop")
+    parser.add_argument("--retest-last", action="store_true", help="also test the base runs' last.ckpt (test_last.json)")
     parser.add_argument("--figure", type=Path, default=None, help="also draw val curves and test pictures to this PNG")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of every run")
     args = parser.parse_args()
@@ -221,8 +262,12 @@ def main() -> None:
             for arm in args.arms:
                 for run in (("overlap", "finetune") if arm == "finetune" else (arm,)):
                     train_and_test(run, seed, out, [*arm_overrides(run, seed, out, args.synthetic_ckpt), *args.overrides])
+    if args.retest_last:
+        for seed in args.seeds:
+            retest_last(out, seed)
     table = summary(out)
-    results = {"table": table.splitlines(), "targets": targets(out),
+    results = {"table": table.splitlines(), "targets": targets(out), "val_at_equal_steps": val_at_equal_steps(out),
+               "test_last": {f"base_seed{seed}": m for seed, m in metrics(out, "base", "test_last").items()},
                "test_metrics": {f"{arm}_seed{seed}": m for arm in EXPERIMENT for seed, m in metrics(out, arm, "test").items()},
                "last_val_metrics": {f"{arm}_seed{seed}": m for arm in EXPERIMENT
                                     for seed, m in metrics(out, arm, "val").items()}}
