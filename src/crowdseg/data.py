@@ -229,17 +229,16 @@ def with_published_points(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(cfg, {"data": {"on_duplicate_points": "keep"}})
 
 
-def build_datamodule(cfg: DictConfig) -> CrowdDataModule:
+def build_datamodule(cfg: DictConfig, split: Optional[LabelSplit] = None) -> CrowdDataModule:
     """The fully supervised DataModule: trains on the labeled images only (the supervised baseline
-    at label fractions below 100 %)."""
+    at label fractions below 100 %). `split`: the run's label split (planned here when not given)."""
     data = cfg.data
-    split = plan_split(cfg)
+    split = split or plan_split(cfg)
     evals = build_eval_datasets(cfg, split)
     datamodule = CrowdDataModule(
         train=build_dataset(cfg, data.train_split, train=True, names=split.labeled),
         val=evals["val"], test=evals["test"], predict=evals["test"],
         batch_size=data.batch_size, eval_batch_size=data.eval_batch_size, num_workers=data.num_workers)
-    datamodule.label_split = split
     return datamodule
 
 

@@ -29,8 +29,10 @@ def trainable(cfg: DictConfig) -> Method:
     return method
 
 
-def build_job(cfg: DictConfig, path: Path) -> Job:
-    return trainable(cfg).build(cfg, path)
+def build_job(cfg: DictConfig, path: Path, split: Any = None) -> Job:
+    """The method's module and data for `cfg`; `split` is the run's planned label split (planned by the
+    method's data code when not given, e.g. in tests)."""
+    return trainable(cfg).build(cfg, path, split)
 
 
 class StoreConfig(Callback):
@@ -121,7 +123,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         complete = completed_run(path, resume_from, cfg)
         if complete is not None:
             return complete
-    job = build_job(cfg, path)
+    job = build_job(cfg, path, split)
     cfg, split = record_used_images(cfg, split, job)
     prepare_run_dir(cfg, path=path)
     if is_global_zero():
@@ -246,7 +248,7 @@ def evaluate(cfg: DictConfig, stage: str = "validate", run_path: Optional[Path] 
                           f"train first (`crowdseg fit`) or pass ckpt_path=...")
     check_checkpoint(ckpt)
     prepare_run_dir(cfg, write_config=False, path=path)
-    job = build_job(cfg, path)
+    job = build_job(cfg, path, label_split)
     cfg, _ = record_used_images(cfg, label_split, job)
     split = {"validate": "val", "test": "test", "predict": "predict"}[stage]
     callbacks = []

@@ -1,4 +1,4 @@
-"""What a method module provides: its config sections, load-time checks and `build(cfg, run_dir) -> Job`.
+"""What a method module provides: its config sections, load-time checks and `build(cfg, run_dir, split) -> Job`.
 
 A method is one module `crowdseg/methods/<name>.py` ending in `METHOD = Method(...)`; the registry
 (`crowdseg.methods.METHODS`) lists them and is the only list of method names. Keep the module's
@@ -35,14 +35,15 @@ class Method:
 
     sections: config sections the method adds to the shared ones (data, optim, trainer, logger, ...):
               section name -> dataclass schema. A key of another method's section fails at load time.
-    build:    (resolved config, run directory) -> Job.
+    build:    (resolved config, run directory, split=None) -> Job; `split` is the run's LabelSplit, planned
+              once by crowdseg.train (None: the method's data code plans it, as tests do).
     check:    choice and range checks of the method's keys, run at load time; raise ConfigError
               naming the key.
     summary:  one line for `crowdseg --help`.
     """
     name: str
     sections: dict[str, type]
-    build: Callable[[DictConfig, Path], Job]
+    build: Callable[..., Job]
     check: Callable[[DictConfig], None] = no_checks
     summary: str = ""
     trains: bool = True  # False for a method that only has its own command (dpmo: `crowdseg masks`)

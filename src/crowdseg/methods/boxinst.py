@@ -230,7 +230,7 @@ def _test_dataset(cfg: DictConfig, transform):
     return _dataset(cfg, data.test_split, transform, split_names(cfg, data.test_split, "test_list") if data.test_list else None)
 
 
-def build_datamodule(cfg: DictConfig):
+def build_datamodule(cfg: DictConfig, split=None):
     """Training set (labeled images of `data`, boxes only), val / test sets with instance masks."""
     from functools import partial
 
@@ -253,7 +253,7 @@ def build_datamodule(cfg: DictConfig):
         evaluation = build_dataset(ev.name, ev.root, ev.split, transform=eval_tf, max_size=None,
                                    on_bad_annotation=data.on_bad_annotation, **extra)
         excluded = set(evaluation.names)
-        split = plan_split(cfg)
+        split = split or plan_split(cfg)
         train = dataset(data.train_split, train_tf, [n for n in split.labeled if n not in excluded])
         if cfg.boxinst.train_images == "overlapping":
             train = with_overlapping_people(train)
@@ -261,7 +261,7 @@ def build_datamodule(cfg: DictConfig):
                                      data.num_workers)
         module.datasets["predict"] = evaluation
     else:
-        split = plan_split(cfg)
+        split = split or plan_split(cfg)
         train = dataset(data.train_split, train_tf, split.labeled)
         if cfg.boxinst.train_images == "overlapping":
             train = with_overlapping_people(train)
@@ -271,18 +271,17 @@ def build_datamodule(cfg: DictConfig):
             val = dataset(data.val_split, eval_tf, split_names(cfg, data.val_split, "val_list") if data.val_list else None)
         module = DetectionDataModule(train, val, None, data.batch_size, data.eval_batch_size, data.num_workers)
         module.datasets["test"] = module.datasets["predict"] = partial(_test_dataset, cfg, eval_tf)
-    module.label_split = split
     return module
 
 
-def build(cfg: DictConfig, run_dir: Path) -> Job:
+def build(cfg: DictConfig, run_dir: Path, split=None) -> Job:
     from crowdseg.lit.boxinst import BoxInstModule
     from crowdseg.methods.weights import load_weights
 
     model = build_model(cfg.boxinst.model)
     if cfg.boxinst.init_ckpt:
         load_weights(model, cfg.boxinst.init_ckpt, "boxinst.init_ckpt", hint="train the BoxInst run first")
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg, split)
     module = BoxInstModule(model, OmegaConf.to_object(cfg.boxinst), OmegaConf.to_object(cfg.optim), cfg.trainer.max_steps,
                            run_dir, cfg.logger.num_pictures, cfg.seed)
     return Job(module, datamodule)

@@ -41,7 +41,7 @@ def check(cfg: DictConfig) -> None:
     check_mask_loss(cfg.mask_loss)
 
 
-def build(cfg: DictConfig, run_dir: Path) -> Job:
+def build(cfg: DictConfig, run_dir: Path, split=None) -> Job:
     from crowdseg.data import build_datamodule
     from crowdseg.lit.density import DensityModule
     from crowdseg.losses.density import DensityLoss
@@ -51,7 +51,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Job:
 
     m, d = cfg.model, cfg.density
     model = DensityCounter(create_backbone(m.backbone, m.pretrained, reductions=(8,)), list(d.channels), d.activation)
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg, split)
     mask_loss, one_point_loss = density_mask_losses(cfg, datamodule, model.stride)
     module = DensityModule(model, DensityLoss(model.stride, d.sigma), OmegaConf.to_object(cfg.optim), cfg.trainer.max_steps,
                            mask_loss, one_point_loss, cfg.mask_loss.one_point_threshold, run_dir, cfg.logger.num_pictures)

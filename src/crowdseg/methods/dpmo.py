@@ -62,7 +62,7 @@ def check(cfg: DictConfig) -> None:
     check_dpmo_config(cfg.dpmo)
 
 
-def build(cfg: DictConfig, run_dir: Path) -> Job:
+def build(cfg: DictConfig, run_dir: Path, split=None) -> Job:
     raise ConfigError("method 'dpmo' trains nothing; run `crowdseg masks <experiment>` to write instance masks")
 
 

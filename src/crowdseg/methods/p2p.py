@@ -101,12 +101,12 @@ def build_point_loss(lo: DictConfig):
     return P2PLoss(lo.cost_class, lo.cost_point, lo.eos_coef, lo.point_loss_coef, lo.cls_loss, lo.focal_gamma, lo.match_on)
 
 
-def build(cfg: DictConfig, run_dir: Path) -> Job:
+def build(cfg: DictConfig, run_dir: Path, split=None) -> Job:
     from crowdseg.data import build_datamodule
     from crowdseg.lit.p2p import PointPredictorModule
     from crowdseg.mask_supervision import point_mask_loss
 
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg, split)
     module = PointPredictorModule(build_point_predictor(cfg.model), build_point_loss(cfg.loss),
                                   OmegaConf.to_object(cfg.optim), cfg.trainer.max_steps, cfg.loss.score_threshold,
                                   run_dir, cfg.logger.num_pictures, point_mask_loss(cfg, datamodule),

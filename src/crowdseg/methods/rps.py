@@ -75,7 +75,7 @@ def check(cfg: DictConfig) -> None:
     check_dpmo_config(cfg.dpmo)
 
 
-def build(cfg: DictConfig, run_dir: Path) -> Job:
+def build(cfg: DictConfig, run_dir: Path, split=None) -> Job:
     from crowdseg.data import build_datamodule
     from crowdseg.lit.rps import CandidateScorer, RPSModule
     from crowdseg.mask_supervision import mask_coverage
@@ -86,7 +86,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Job:
     from crowdseg.sam.predictor import BatchedSamPredictor
 
     r, lo, d = cfg.rps, cfg.loss, cfg.dpmo
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg, split)
     if mask_coverage(datamodule.datasets["train"]).state == "none":
         raise ConfigError(f"method 'rps': the training images of data.name={cfg.data.name!r} carry no instance "
                           f"masks, and the reward needs them; generate DPMO masks (`crowdseg masks`) and point "

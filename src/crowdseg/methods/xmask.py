@@ -200,7 +200,7 @@ def reaches_phase2(cfg: DictConfig) -> bool:
     return t.max_steps is None or t.max_steps < 0 or t.max_steps > x.phase1_end
 
 
-def build_datamodule(cfg: DictConfig):
+def build_datamodule(cfg: DictConfig, split=None):
     """Labeled (points + masks, training crops) and, with `xmask.semi`, unlabeled (two views) training
     sets of the run's label split (crowdseg.data.plan_split), val and test (whole images)."""
     from crowdseg.data import build_dataset, build_eval_datasets, plan_split
@@ -210,7 +210,7 @@ def build_datamodule(cfg: DictConfig):
     from datamodules.transforms import TwoViewTransform
 
     data, x = cfg.data, cfg.xmask
-    split = plan_split(cfg)
+    split = split or plan_split(cfg)
     evals = build_eval_datasets(cfg, split)
     labeled = build_dataset(cfg, data.train_split, train=True, names=split.labeled)
     missing = mask_coverage(labeled).first_missing if reaches_phase2(cfg) else None
@@ -233,7 +233,6 @@ def build_datamodule(cfg: DictConfig):
                                               unlabeled_batch_size=x.unlabeled_batch_size or data.batch_size,
                                               eval_batch_size=data.eval_batch_size, num_workers=data.num_workers,
                                               seed=cfg.seed)
-    datamodule.label_split = split
     return datamodule
 
 
@@ -253,8 +252,8 @@ def load_start(module, path: str) -> None:
     module.teacher.n_averaged.fill_(1)  # an AveragedModel that has averaged nothing copies the student at its first update
 
 
-def build(cfg: DictConfig, run_dir: Path) -> Job:
-    datamodule = build_datamodule(cfg)
+def build(cfg: DictConfig, run_dir: Path, split=None) -> Job:
+    datamodule = build_datamodule(cfg, split)
     module = build_module(cfg, build_model(cfg.model), run_dir)
     if cfg.xmask.init_ckpt:
         load_start(module, cfg.xmask.init_ckpt)
