@@ -101,7 +101,8 @@ def test_masks_dir_is_per_split():
 
 
 # Keys added since tests/data/resolved_experiments.json was written; they must not change an old value.
-ADDED_KEYS = {"optim.backbone_lr_scale", "data.sources", "labels.sources", "boxinst.train_images"}
+ADDED_KEYS = {"optim.backbone_lr_scale", "data.sources", "labels.sources", "boxinst.train_images", "xmask.evaluate",
+              "xmask.teacher_buffers", "xmask.unlabeled_targets", "xmask.target_threshold"}
 
 
 def _flat(tree, prefix=""):
