@@ -197,9 +197,7 @@ class BoxInstModule(StageHooks, L.LightningModule):
                 out_size = tuple(originals[b].shape[-2:])
             else:
                 out_size = (h, w)
-            boxes = det["boxes"].clone()
-            boxes[:, 0::2] *= out_size[1] / w
-            boxes[:, 1::2] *= out_size[0] / h
+            boxes = to_size(det["boxes"], (h, w), out_size)
             if s.box_masks:
                 masks = filled_boxes(boxes, out_size)
             else:
@@ -217,16 +215,6 @@ class BoxInstModule(StageHooks, L.LightningModule):
             raise KeyError("evaluation needs instance masks (`instance_map`); this dataset has none")
         return [m[:h, :w].to(self.device) for m, (h, w) in zip(batch["instance_map"], batch["image_size"].tolist())]
 
-    def _original_boxes(self, batch: dict[str, Any], key: str, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Boxes of `batch[key]` (resized-image pixels) in the pixels of the original sizes `sizes`."""
-        out = []
-        for b, ((h, w), size) in enumerate(zip(batch["image_size"].tolist(), sizes)):
-            boxes = batch[key][b].to(self.device).float().reshape(-1, 4).clone()
-            boxes[:, 0::2] *= size[1] / w
-            boxes[:, 1::2] *= size[0] / h
-            out.append(boxes)
-        return out
-
     @torch.no_grad()
     def gt_box_masks(self, batch: dict[str, Any], outputs: dict[str, torch.Tensor],
                      sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
@@ -235,13 +223,12 @@ class BoxInstModule(StageHooks, L.LightningModule):
         to the box, "filled" (G, H, W) the box itself, "scores" (G,)}, at the original sizes `sizes`."""
         s = self.settings
         boxes = self._boxes(batch, self._eval_box_key(batch))
-        originals = self._original_boxes({**batch, "_boxes": boxes}, "_boxes", sizes)
         results = []
         for b, (gt, size) in enumerate(zip(boxes, sizes)):
             h, w = batch["image_size"][b].tolist()
             locations, scores = gt_box_locations(outputs, b, gt, self.model.strides, self.model.sizes_of_interest,
                                                  s.loss.center_radius)
-            filled = filled_boxes(originals[b], size)
+            filled = filled_boxes(to_size(gt, (h, w), size), size)
             masks = predict_masks(self.model, outputs, b, locations, (h, w), size, s.inference.mask_threshold,
                                   s.inference.paste_chunk) & filled
             results.append({"masks": masks, "filled": filled, "scores": scores})
@@ -261,9 +248,11 @@ class BoxInstModule(StageHooks, L.LightningModule):
         predictions = self.predict_instances(batch, outputs)
         targets = self._targets(batch)
         sizes = [tuple(t.shape[-2:]) for t in targets]
-        crowds = (self._original_boxes(batch, "ignore_boxes", sizes) if batch.get("ignore_boxes") is not None
-                  else [torch.zeros(0, 4, device=self.device) for _ in targets])
-        truth = [{"instance_map": t, "crowd_masks": filled_boxes(c, size)} for t, c, size in zip(targets, crowds, sizes)]
+        resized = batch["image_size"].tolist()
+        crowds = batch["ignore_boxes"] if batch.get("ignore_boxes") is not None else [torch.zeros(0, 4)] * len(targets)
+        truth = [{"instance_map": t, "crowd_masks": filled_boxes(to_size(c.to(self.device).float().reshape(-1, 4), hw, size),
+                                                                 size)}
+                 for t, c, hw, size in zip(targets, crowds, resized, sizes)]
         self.mask_ap[stage].update([{"masks": p["masks"], "scores": p["scores"]} for p in predictions], truth)
         self.boxfill_ap[stage].update([{"masks": filled_boxes(p["boxes"], size), "scores": p["scores"]}
                                        for p, size in zip(predictions, sizes)], truth)
@@ -275,7 +264,6 @@ class BoxInstModule(StageHooks, L.LightningModule):
             self.gtboxfill_iou[stage].update([g["filled"] for g in on_gt], gt_masks)
             self.gtbox_ap[stage].update([{"masks": g["masks"], "scores": g["scores"]} for g in on_gt], truth)
             self.gtboxfill_ap[stage].update([{"masks": g["filled"], "scores": g["scores"]} for g in on_gt], truth)
-        if box_key is not None:
             gt_boxes = batch[box_key]
             scale = [float(m.get("scale", 1.0)) for m in batch["meta"]]
             self.box_ap[stage].update([p["boxes"] for p in predictions], [p["scores"] for p in predictions],
@@ -345,6 +333,12 @@ def gt_box_locations(outputs: dict[str, torch.Tensor], image: int, boxes: torch.
     nearest = p3[torch.cdist(centres, outputs["locations"][p3]).argmin(1)]
     locations = torch.where(best >= 0, locations, nearest)
     return locations, scores[locations]
+
+
+def to_size(boxes: torch.Tensor, size: tuple[int, int], out_size: tuple[int, int]) -> torch.Tensor:
+    """Boxes (K, 4) xyxy in the pixels of an (H, W) = `size` image, rescaled to an `out_size` image."""
+    scale = boxes.new_tensor([out_size[1] / size[1], out_size[0] / size[0]]).repeat(2)
+    return boxes * scale
 
 
 def filled_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
