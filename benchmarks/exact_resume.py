@@ -6,7 +6,7 @@ workers), and the same experiment as a 2-process DDP run (`trainer.devices=2 tra
 gloo, no workers), both made small by the overrides below (4 training steps per epoch, 3 epochs,
 validation every epoch, `last.ckpt` every 3 steps and at every epoch end).
 
-Kill points (the test hooks of crowdseg/continuation.py):
+Kill points (the kill tests' own hooks, tests/kill_child.py):
 - mid-epoch: SIGKILL after training step 7 (last.ckpt is the step-6 one, two batches into epoch 2);
 - validation: SIGKILL inside the validation after step 8 (after its first batch);
 - checkpoint write: SIGKILL during the step-9 checkpoint write, with half of it in the temporary file
@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -49,15 +50,19 @@ SMALL = ["model.backbone=resnet10t", "model.fpn_channels=64", "model.head_channe
          "logger.wandb.mode=disabled"]
 CASES = {"single": ["data.num_workers=2"],
          "ddp": ["data.num_workers=0", "trainer.devices=2", "trainer.strategy=ddp"]}
-KILLS = [("mid-epoch (after step 7)", {"CROWDSEG_KILL_IN": "train", "CROWDSEG_KILL_AT_STEP": "7"}),
-         ("validation (after step 8)", {"CROWDSEG_KILL_IN": "validation", "CROWDSEG_KILL_AT_STEP": "8"}),
-         ("checkpoint write (step 9)", {"CROWDSEG_KILL_IN": "checkpoint_write", "CROWDSEG_KILL_AT_STEP": "9"})]
+# (name, kill point, step): the child SIGKILLs itself there (tests/kill_child.py)
+KILLS = [("mid-epoch (after step 7)", "train", 7), ("validation (after step 8)", "validation", 8),
+         ("checkpoint write (step 9)", "checkpoint_write", 9)]
 
 
-def run(overrides: list[str], env_extra: dict[str, str], timeout: float = 900) -> tuple[int, str]:
-    """Run `crowdseg fit` in its own process group; SIGKILL what is left of the group afterwards."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **env_extra)
-    proc = subprocess.Popen([sys.executable, "-m", "crowdseg", "fit", str(EXPERIMENT), *overrides], cwd=ROOT, env=env,
+def run(overrides: list[str], kill: Optional[tuple[str, int]] = None, timeout: float = 900) -> tuple[int, str]:
+    """Run `crowdseg fit` (with `kill`, tests/kill_child.py) in its own process group; SIGKILL what is
+    left of the group afterwards."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    args = [str(EXPERIMENT), *overrides]
+    command = ([sys.executable, str(ROOT / "tests" / "kill_child.py"), kill[0], str(kill[1]), *args] if kill
+               else [sys.executable, "-m", "crowdseg", "fit", *args])
+    proc = subprocess.Popen(command, cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -101,7 +106,7 @@ def main() -> None:
             overrides = SMALL + CASES[case]
             root = work / case / "uninterrupted"
             t0 = time.time()
-            rc, out = run(overrides + [f"runs_root={root}"], {})
+            rc, out = run(overrides + [f"runs_root={root}"])
             if rc != 0:
                 raise SystemExit(f"{case} uninterrupted run failed ({rc}):\n{out[-3000:]}")
             ref_run = run_dir(root)
@@ -109,16 +114,16 @@ def main() -> None:
             ref_mae = final_mae(ref_run)
             print(f"[{case}] uninterrupted: step {ref['global_step']}, val MAE {ref_mae:.4f} ({time.time() - t0:.0f} s)",
                   flush=True)
-            for name, env in KILLS:
-                root = work / case / env["CROWDSEG_KILL_IN"]
+            for name, point, step in KILLS:
+                root = work / case / point
                 command = overrides + [f"runs_root={root}"]
-                rc, out = run(command, env)
+                rc, out = run(command, (point, step))
                 if rc != -signal.SIGKILL:
                     raise SystemExit(f"{case} / {name}: expected a SIGKILL, got {rc}:\n{out[-3000:]}")
                 run_path = run_dir(root)
                 resumed_from = int(load(run_path / "checkpoints" / "last.ckpt")["global_step"])
                 partial = sorted(p.name for p in (run_path / "checkpoints").glob(".*.tmp*"))
-                rc, out = run(command, {})
+                rc, out = run(command)
                 if rc != 0:
                     raise SystemExit(f"{case} / {name}: the rerun failed ({rc}):\n{out[-3000:]}")
                 final = load(run_path / "checkpoints" / "last.ckpt")

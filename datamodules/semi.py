@@ -14,7 +14,6 @@ sees a disjoint part of both sets.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.utilities import CombinedLoader
@@ -67,27 +66,3 @@ class SemiSupervisedDataModule(CrowdDataModule):
                                      stream=1, epoch=epoch_to_run(self.trainer))
         return CombinedLoader({"labeled": labeled, "unlabeled": unlabeled}, mode="max_size_cycle")
 
-
-def build_semi_datasets(name: str, root: str | None, split: str = "train", label_fraction: float = 5.0,
-                        split_seed: int = 0, labeled_transform=None, unlabeled_transform=None,
-                        splits_dir: str | None = None, labeled_file: str | None = None, **options):
-    """(labeled, unlabeled) datasets of a label-fraction split of `name`'s training images.
-
-    The labeled names come from the split files (datamodules/splits.py) or `labeled_file` (a
-    published protocol list); the unlabeled set is the split's unlabeled file when it exists,
-    else every other training image. Every labeled image must be in the dataset.
-    """
-    from datamodules.dataset import build_dataset
-    from datamodules.splits import SPLITS_DIR, load_split, split_file_names
-
-    full = build_dataset(name, root, split, **options)
-    names = set(full.names)
-    folder = (Path(splits_dir) if splits_dir else SPLITS_DIR) / name
-    has_unlabeled_file = labeled_file is None and (folder / split_file_names(label_fraction, split_seed)[1]).exists()
-    labeled, unlabeled = load_split(name, label_fraction, split_seed, train_names=None if has_unlabeled_file else names,
-                                    splits_dir=splits_dir, labeled_file=labeled_file)
-    missing = labeled - names
-    if missing:
-        raise DataError(f"{len(missing)} labeled image(s) of the {label_fraction:g} % split (seed {split_seed}) are not in "
-                        f"the {name} dataset at {root} (missing, or left out by validation), e.g. {sorted(missing)[0]}")
-    return full.subset(labeled, labeled_transform), full.subset(unlabeled & names, unlabeled_transform)

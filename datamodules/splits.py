@@ -1,8 +1,10 @@
 """Label-fraction splits: which training images are labeled at 5 / 10 / 40 % labels.
 
 A split file lists one image file name per line, the format of published protocol lists (e.g.
-XMask's `protocols/sha-5.txt`), so those drop in. For dataset D, fraction f and split seed s the
-files are `datamodules/splits/D/labeled_<f>_seed<s>.txt` and `unlabeled_<f>_seed<s>.txt`.
+XMask's `protocols/sha-5.txt`), so either drops in as `data.labeled_list` (a run's split is
+planned by `crowdseg.data.plan_split`, which draws with `make_split` when no list is given). For
+dataset D, fraction f and split seed s the files are `datamodules/splits/D/labeled_<f>_seed<s>.txt`
+and `unlabeled_<f>_seed<s>.txt`.
 
 Splits are drawn by ranking the training names by sha256("<seed>:<name>"): deterministic for a
 split seed (and independent of the training seed, the input order and library versions), and
@@ -157,50 +159,6 @@ def carve(names: Iterable[str], fraction: float, total: int, seed: int) -> list[
     n = min(len(names), max(1, math.floor(fraction / 100 * total + 0.5)))
     order = sorted(names, key=lambda name: hashlib.sha256(f"val:{seed}:{name}".encode()).hexdigest())
     return sorted(order[:n], key=natural_key)
-
-
-def load_split(dataset: str, fraction: float, seed: int, train_names: Iterable[str] | None = None,
-               splits_dir: str | Path | None = None, labeled_file: str | Path | None = None) -> tuple[set[str], set[str]]:
-    """(labeled, unlabeled) name sets of a label-fraction split.
-
-    Reads `labeled_file` (e.g. a published protocol list) when given, else the split files of
-    `dataset` in `splits_dir` (default: the shipped ones). The unlabeled set is the unlabeled file
-    when one exists, otherwise `train_names` minus the labeled set. With `train_names`, every
-    listed name must be a training image and the two sets must cover them.
-    """
-    folder = Path(splits_dir) / dataset if splits_dir else SPLITS_DIR / dataset
-    lab_name, unl_name = split_file_names(fraction, seed)
-    lab_path = Path(labeled_file) if labeled_file else folder / lab_name
-    if not lab_path.exists():
-        hint = "" if labeled_file else (f"; generate it with `crowdseg splits {dataset} --fractions {fraction_tag(fraction)} "
-                                        f"--seed {seed} --out {folder}`")
-        raise DataError(f"{lab_path}: split file not found{hint}")
-    labeled = read_name_list(lab_path)
-    unl_path = None if labeled_file else folder / unl_name
-    train = None if train_names is None else set(train_names)
-    if train is not None:
-        _check_known(lab_path, labeled, train)
-    if unl_path is not None and unl_path.exists():
-        unlabeled = read_name_list(unl_path)
-        if train is not None:
-            _check_known(unl_path, unlabeled, train)
-        overlap = set(labeled) & set(unlabeled)
-        if overlap:
-            raise DataError(f"{unl_path}: {sorted(overlap)[0]} is also in {lab_path.name} ({len(overlap)} shared names)")
-        if train is not None and set(labeled) | set(unlabeled) != train:
-            missing = train - set(labeled) - set(unlabeled)
-            raise DataError(f"{unl_path}: {len(missing)} training image(s) are in neither split file, "
-                            f"e.g. {sorted(missing, key=natural_key)[0]}")
-        return set(labeled), set(unlabeled)
-    if train is None:
-        raise DataError(f"{lab_path}: no unlabeled list beside it, so the training names are needed to form one")
-    return set(labeled), train - set(labeled)
-
-
-def _check_known(path: Path, names: list[str], train: set[str]) -> None:
-    for lineno, name in enumerate(names, start=1):
-        if name not in train:
-            raise DataError(f"{path}: {name} (entry {lineno}) is not a training image of this dataset")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,15 +5,20 @@ import json
 from collections import Counter
 from types import SimpleNamespace
 
+from pathlib import Path
+
 import pytest
 
+from crowdseg.config import load_config
 from crowdseg.errors import ConfigError, DataError
+from crowdseg.methods import boxinst, xmask
 from data_fixtures import CROWDHUMAN_ID, make_cclabeler, make_crowdhuman
 from datamodules.dataset import build_dataset
-from datamodules.detection import DetectionDataModule, build_detection_datamodule
+from datamodules.detection import DetectionDataModule
 from datamodules.distributed import CycleDistributedSampler, per_rank_batch_size
-from datamodules.semi import SemiSupervisedDataModule, build_semi_datasets
-from datamodules.transforms import TrainTransform, TwoViewTransform
+from datamodules.semi import SemiSupervisedDataModule
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 @pytest.fixture
@@ -23,15 +28,22 @@ def crowd_folder(tmp_path):
 
 
 def semi_datasets(crowd_folder, tmp_path, n_labeled=3):
-    splits = tmp_path / "splits" / "cclabeler"
-    splits.mkdir(parents=True)
-    (splits / "labeled_25_seed0.txt").write_text("".join(f"im{k:02d}.jpg\n" for k in range(n_labeled)))
-    return build_semi_datasets("cclabeler", str(crowd_folder), "all", label_fraction=25, split_seed=0,
-                               labeled_transform=TrainTransform(32, seed=0),
-                               unlabeled_transform=TwoViewTransform(32, seed=0), splits_dir=str(tmp_path / "splits"))
+    """The labeled and unlabeled training sets as a run builds them (`crowdseg.methods.xmask.build_datamodule`
+    over `crowdseg.data.plan_split`), the labeled images named by a split file (`data.labeled_list`)."""
+    listing = tmp_path / "splits" / "cclabeler" / "labeled_25_seed0.txt"
+    listing.parent.mkdir(parents=True)
+    listing.write_text("".join(f"im{k:02d}.jpg\n" for k in range(n_labeled)))
+    cfg = load_config(EXPERIMENTS / "xmask" / "synthetic.yaml", [
+        "data.name=cclabeler", f"data.root={crowd_folder}", "data.train_split=all", "data.val_split=all",
+        "data.test_split=all", "data.val_fraction=0", "data.label_fraction=100", f"data.labeled_list={listing}",
+        "data.crop_size=32", "data.num_workers=0", "seed=0",
+        "trainer.max_steps=1"])  # phase 1 only: the labeled images need no instance masks
+    dm = xmask.build_datamodule(cfg)
+    assert isinstance(dm, SemiSupervisedDataModule)
+    return dm.labeled, dm.unlabeled
 
 
-def test_build_semi_datasets_from_split_files(crowd_folder, tmp_path):
+def test_semi_datasets_from_a_split_file(crowd_folder, tmp_path):
     labeled, unlabeled = semi_datasets(crowd_folder, tmp_path)
     assert labeled.names == ["im00.jpg", "im01.jpg", "im02.jpg"] and len(unlabeled) == 9
     assert "image_strong" in unlabeled[0] and "image_strong" not in labeled[0]
@@ -101,7 +113,12 @@ def _cis_for(tmp_path, file_names):
 def test_detection_datamodule_excludes_cis_images_from_training(tmp_path):
     root = make_crowdhuman(tmp_path / "ch")
     cis = _cis_for(tmp_path, [f"{CROWDHUMAN_ID}.jpg"])
-    dm = build_detection_datamodule(str(root), str(cis), max_size=None, batch_size=1)
+    cfg = load_config(EXPERIMENTS / "boxinst" / "crowdhuman.yaml", [
+        f"data.root={root}", f"boxinst.eval_data.root={cis}", f"boxinst.eval_data.reader_options.image_dir={root / 'Images'}",
+        "boxinst.model.pretrained=null", "boxinst.input.train_short_side=null", "boxinst.input.test_short_side=null",
+        "data.crop_size=null", "data.scale_range=[0.8,1.2]", "data.max_size=null", "data.batch_size=1",
+        "data.num_workers=0"])
+    dm = boxinst.build_datamodule(cfg)
     assert dm.datasets["train"].names == ["273271,def.jpg"]
     assert dm.datasets["val"].names == [f"{CROWDHUMAN_ID}.jpg"]
     batch = next(iter(dm.train_dataloader()))

@@ -16,14 +16,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from crowdseg.config import load_config
+from crowdseg.methods import boxinst
 from data_fixtures import make_cclabeler, write_image
 from datamodules.crowd import CrowdDataModule
 from datamodules.dataset import build_dataset
-from datamodules.detection import build_detection_datamodule
 from datamodules.semi import SemiSupervisedDataModule
 from datamodules.transforms import EvalTransform, TrainTransform, TwoViewTransform
 
 pytestmark = pytest.mark.slow
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 class NameRecorder(L.LightningModule):
@@ -67,11 +70,17 @@ def build_datamodules(root: Path) -> dict:
     full = build_dataset("cclabeler", str(folder), "all")
     labeled = full.subset([f"im{k:02d}.jpg" for k in range(4)], TrainTransform(32, seed=0))
     unlabeled = full.subset([f"im{k:02d}.jpg" for k in range(4, 12)], TwoViewTransform(32, seed=0))
+    # the detection DataModule as a BoxInst run builds it: CrowdHuman train minus the CIS images, CIS to evaluate
+    detection = load_config(EXPERIMENTS / "boxinst" / "crowdhuman.yaml", [
+        f"data.root={root / 'ch'}", f"boxinst.eval_data.root={root / 'cis'}",
+        f"boxinst.eval_data.reader_options.image_dir={root / 'ch' / 'Images'}", "boxinst.model.pretrained=null",
+        "boxinst.input.train_short_side=null", "boxinst.input.test_short_side=null", "data.crop_size=null",
+        "data.scale_range=[0.8,1.2]", "data.max_size=null", "data.batch_size=2", "data.num_workers=0"])
     return {
         "crowd": CrowdDataModule(train, val, batch_size=4, num_workers=0),
         "semi": SemiSupervisedDataModule(labeled, unlabeled, val=labeled.subset(labeled.names, EvalTransform()),
                                          labeled_batch_size=2, unlabeled_batch_size=4),
-        "detection": build_detection_datamodule(str(root / "ch"), str(root / "cis"), max_size=None, batch_size=2),
+        "detection": boxinst.build_datamodule(detection),
     }
 
 

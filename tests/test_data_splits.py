@@ -1,14 +1,25 @@
 """Label-fraction splits: deterministic, disjoint, covering, nested; shipped files; protocol lists."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from crowdseg.config import load_config
+from crowdseg.data import plan_split
 from crowdseg.errors import DataError
 from data_fixtures import SHARED_DATA, make_jhu
-from datamodules.splits import (SPLITS_DIR, labeled_count, load_split, main, make_split, official_train_names,
-                                read_name_list, split_file_names)
+from datamodules.splits import (SPLITS_DIR, labeled_count, main, make_split, official_train_names, read_name_list,
+                                split_file_names)
 
 SHIPPED = {"sha": 300, "shb": 400, "qnrf": 1201, "nwpu": 3109}
+P2P = Path(__file__).resolve().parents[1] / "experiments" / "p2p" / "synthetic.yaml"
+SHA = SHARED_DATA / "shanghaitech" / "part_A"
+
+
+def sha_split(*overrides):
+    """The label split a run on ShanghaiTech part A plans (`crowdseg.data.plan_split`)."""
+    return plan_split(load_config(P2P, ["data.name=sha", f"data.root={SHA}", *overrides]))
 
 
 def test_official_train_lists():
@@ -48,8 +59,8 @@ def test_shipped_split_files_match_the_generator(dataset):
             lab, unl = (read_name_list(SPLITS_DIR / dataset / n) for n in split_file_names(f, seed))
             assert (lab, unl) == make_split(names, f, seed)
             assert len(lab) == labeled_count(f, len(names))
-        labeled, unlabeled = load_split(dataset, 5, seed, train_names=names)
-        assert len(labeled) + len(unlabeled) == len(names)
+            assert set(lab).isdisjoint(unl) and set(lab) | set(unl) == set(names)  # a pair covers the training list
+            assert len(lab) + len(unl) == len(names)
 
 
 def test_cli_writes_split_files(tmp_path, capsys):
@@ -79,32 +90,36 @@ def test_cli_splits_a_dataset_root(tmp_path):
 
 
 def test_published_protocol_list_drops_in(tmp_path):
-    """A list of labeled names only (XMask's protocols/sha-5.txt format); unlabeled = the rest."""
+    """A list of labeled names only (XMask's protocols/sha-5.txt format) as `data.labeled_list`; unlabeled = the rest."""
     protocol = tmp_path / "sha-5.txt"
     protocol.write_text("IMG_119.jpg\nIMG_42.jpg\n\nIMG_2.jpg")
-    names = official_train_names("sha")
-    labeled, unlabeled = load_split("sha", 5, 0, train_names=names, labeled_file=protocol)
-    assert labeled == {"IMG_119.jpg", "IMG_42.jpg", "IMG_2.jpg"} and len(unlabeled) == 297
+    split = sha_split(f"data.labeled_list={protocol}")
+    assert set(split.labeled) == {"IMG_119.jpg", "IMG_42.jpg", "IMG_2.jpg"} and len(split.unlabeled) == 297
     protocol.write_text("IMG_1.jpg\nIMG_999.jpg\n")
-    with pytest.raises(DataError, match=r"sha-5\.txt: IMG_999\.jpg \(entry 2\) is not a training image"):
-        load_split("sha", 5, 0, train_names=names, labeled_file=protocol)
+    with pytest.raises(DataError, match=r"sha-5\.txt:2: IMG_999\.jpg \(data\.labeled_list\) is not an image of the 'sha' train split"):
+        sha_split(f"data.labeled_list={protocol}")
     protocol.write_text("IMG_1.jpg\nIMG_3.jpg\nIMG_1.jpg\n")
     with pytest.raises(DataError, match=r"sha-5\.txt:3: IMG_1\.jpg is listed twice \(first on line 1\)"):
-        load_split("sha", 5, 0, train_names=names, labeled_file=protocol)
+        sha_split(f"data.labeled_list={protocol}")
 
 
 def test_inconsistent_split_files_are_rejected(tmp_path):
+    """A split file as `data.labeled_list`: it may not share an image with the val list, the labeled and
+    unlabeled images cover the training images, and a missing file is named."""
     folder = tmp_path / "sha"
     folder.mkdir()
     (folder / "labeled_5_seed0.txt").write_text("IMG_1.jpg\nIMG_2.jpg\n")
-    (folder / "unlabeled_5_seed0.txt").write_text("IMG_2.jpg\nIMG_3.jpg\n")
-    with pytest.raises(DataError, match=r"unlabeled_5_seed0\.txt: IMG_2\.jpg is also in labeled_5_seed0\.txt"):
-        load_split("sha", 5, 0, splits_dir=tmp_path)
-    (folder / "unlabeled_5_seed0.txt").write_text("IMG_3.jpg\n")
-    with pytest.raises(DataError, match=r"unlabeled_5_seed0\.txt: 1 training image\(s\) are in neither split file, e\.g\. IMG_4\.jpg"):
-        load_split("sha", 5, 0, splits_dir=tmp_path, train_names=["IMG_1.jpg", "IMG_2.jpg", "IMG_3.jpg", "IMG_4.jpg"])
-    with pytest.raises(DataError, match=r"labeled_10_seed0\.txt: split file not found; generate it with `crowdseg splits sha --fractions 10 --seed 0 --out "):
-        load_split("sha", 10, 0, splits_dir=tmp_path)
+    (folder / "val.txt").write_text("IMG_2.jpg\nIMG_3.jpg\n")
+    labeled = f"data.labeled_list={folder / 'labeled_5_seed0.txt'}"
+    with pytest.raises(DataError, match=r"labeled_5_seed0\.txt: IMG_2\.jpg is also a val image \(data\.val_list\)"):
+        sha_split(labeled, f"data.val_list={folder / 'val.txt'}", "data.val_split=train")
+    (folder / "val.txt").write_text("IMG_3.jpg\n")
+    split = sha_split(labeled, f"data.val_list={folder / 'val.txt'}", "data.val_split=train")
+    assert split.labeled == ("IMG_1.jpg", "IMG_2.jpg") and split.val == ("IMG_3.jpg",)
+    assert set(split.unlabeled) == set(official_train_names("sha")) - {"IMG_1.jpg", "IMG_2.jpg", "IMG_3.jpg"}
+    assert len(split.labeled) + len(split.unlabeled) + len(split.val) == 300  # every training image, once
+    with pytest.raises(DataError, match=r"labeled_10_seed0\.txt: split file not found"):
+        sha_split(f"data.labeled_list={folder / 'labeled_10_seed0.txt'}")
 
 
 def test_real_ucf_cc_50_split_from_root(tmp_path):

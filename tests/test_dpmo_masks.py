@@ -64,6 +64,8 @@ def test_masks_outputs_match_the_points_and_a_rerun_skips(tmp_path):
     result = run_masks(cfg)
     assert result["images"] == 3 and result["written"] == 3 and result["skipped"] == 0
     assert result["masks_on_disk"] == 3 and not stale.exists()
+    # training's Trainer without a run's records: no logs, checkpoints or wandb id beside the masks
+    assert sorted(p.name for p in out.iterdir() if p.suffix not in (".png", ".json")) == ["overlays", "settings.yaml"]
     dataset = build_dataset(cfg, "train")
     for i in range(3):
         sample = dataset[i]

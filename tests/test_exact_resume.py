@@ -19,6 +19,7 @@ from datamodules.transforms import TrainTransform, TwoViewTransform
 from datamodules.types import collate_samples
 
 from conftest import TINY
+from kill_child import command as kill_command
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "experiments" / "p2p" / "synthetic.yaml"
@@ -151,10 +152,11 @@ OVERRIDES = TINY + ["data.synthetic.num_train=16", "trainer.max_epochs=2", "chec
                     "data.num_workers=2"]
 
 
-def _fit(runs_root: Path, **env: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "crowdseg", "fit", str(EXPERIMENT), *OVERRIDES, f"runs_root={runs_root}"]
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CROWDSEG_KILL_")}
-    environ.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **env)
+def _fit(runs_root: Path, kill: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    """A child `crowdseg fit`; with `kill` = (point, step), one that SIGKILLs itself there (tests/kill_child.py)."""
+    args = [str(EXPERIMENT), *OVERRIDES, f"runs_root={runs_root}"]
+    command = kill_command(*kill, *args) if kill else [sys.executable, "-m", "crowdseg", "fit", *args]
+    environ = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300)
 
 
@@ -189,7 +191,7 @@ def uninterrupted(tmp_path_factory) -> tuple[dict, dict]:
 ])
 def test_kill_and_rerun_equals_uninterrupted_run(tmp_path, uninterrupted, kill_in, step, resumed_from):
     reference, reference_metrics = uninterrupted
-    killed = _fit(tmp_path, CROWDSEG_KILL_IN=kill_in, CROWDSEG_KILL_AT_STEP=str(step))
+    killed = _fit(tmp_path, kill=(kill_in, step))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run = _run_dir(tmp_path)
     assert int(_last(run)["global_step"]) == resumed_from

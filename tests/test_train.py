@@ -14,6 +14,8 @@ from crowdseg.cli import _report, main
 from crowdseg.config import load_config
 from crowdseg.train import evaluate, train
 
+from kill_child import command as kill_command
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "experiments" / "p2p" / "synthetic.yaml"
 
@@ -67,7 +69,8 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_overrides):
     run = Path(load_config(EXPERIMENT, overrides).runs_root) / "p2p/synthetic/p2p-synthetic-lf100-s0"
     last = run / "checkpoints" / "last.ckpt"
     # the child kills itself (SIGKILL) after its 5th step: last.ckpt was written at step 4
-    killed = subprocess.run(command, cwd=ROOT, env=dict(env, CROWDSEG_KILL_AT_STEP="5"), capture_output=True, timeout=300)
+    killed = subprocess.run(kill_command("train", 5, EXPERIMENT, *overrides), cwd=ROOT, env=env, capture_output=True,
+                            timeout=300)
     assert killed.returncode == -signal.SIGKILL
     assert _ckpt_step(last) == 4, "the run was not killed mid-training"
     wandb_id = (run / "wandb_id").read_text()

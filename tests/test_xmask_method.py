@@ -6,6 +6,8 @@ import pytest
 from crowdseg.config import load_config
 from crowdseg.errors import ConfigError, DataError
 
+from kill_child import command as kill_command
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "xmask"
 TINY = ["data.synthetic.num_train=20", "data.synthetic.num_val=4", "data.synthetic.num_test=2",
         "data.synthetic.height=64", "data.synthetic.width=64", "data.synthetic.max_people=15",
@@ -14,7 +16,7 @@ TINY = ["data.synthetic.num_train=20", "data.synthetic.num_val=4", "data.synthet
         "logger.num_pictures=0", "trainer.enable_progress_bar=false"]
 
 
-@pytest.mark.parametrize("name", ["synthetic", "synthetic_supervised", "sha", "sha_cpu_phase1", "qnrf", "jhu"])
+@pytest.mark.parametrize("name", ["synthetic", "synthetic_supervised", "sha", "sha_cpu", "qnrf", "jhu"])
 def test_every_experiment_loads(name):
     cfg = load_config(EXPERIMENTS / f"{name}.yaml")
     assert cfg.method == "xmask"
@@ -54,7 +56,7 @@ def test_labeled_images_without_masks_are_refused_past_phase1(tmp_path):
                         "xmask.semi=false", f"runs_root={tmp_path}"]
     with pytest.raises(DataError, match=r"instance masks of the labeled images, and img\d\.jpg has none"):
         build_datamodule(load_config(EXPERIMENTS / "synthetic.yaml", cclabeler))
-    cfg = load_config(EXPERIMENTS / "sha_cpu_phase1.yaml")
+    cfg = load_config(EXPERIMENTS / "sha_cpu.yaml")
     assert not reaches_phase2(cfg)
     assert reaches_phase2(load_config(EXPERIMENTS / "sha.yaml"))
 
@@ -93,7 +95,7 @@ def test_kill_inside_phase2_and_resume(tmp_path):
     command = [sys.executable, "-m", "crowdseg", "fit", str(EXPERIMENTS / "synthetic.yaml"), *overrides,
                f"runs_root={tmp_path / 'run'}"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    killed = subprocess.run(command, cwd=root, env=dict(env, CROWDSEG_KILL_AT_STEP="5"), capture_output=True, timeout=600)
+    killed = subprocess.run(kill_command("train", 5, *command[4:]), cwd=root, env=env, capture_output=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL
     last = next((tmp_path / "run").rglob("last.ckpt"))
     state = torch.load(last, map_location="cpu", weights_only=False)

@@ -1,7 +1,9 @@
 """XMask's experiment switches (issue 18): a fixed teacher's targets move the student, the oracle feeds the
 unlabeled images' true points, count errors on unlabeled crops, init_ckpt for student and teacher, the
-evaluated network, the teacher's BatchNorm statistics."""
+evaluated network, the teacher's BatchNorm statistics, one validation grid for both arms of a comparison."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +148,77 @@ def test_teacher_batchnorm_statistics_copied_or_averaged():
     mean = lambda m: next(b for n, b in m.named_buffers() if n.endswith("running_mean"))  # noqa: E731
     assert torch.equal(mean(copied.teacher.module), mean(copied.model))
     assert not torch.equal(mean(averaged.teacher.module), mean(averaged.model))
+
+
+# ---------------------------------------------------------------------------------------- one step grid
+XMASK_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "xmask"
+# every shipped comparison: (the semi-supervised recipe, its twins that differ in one switch)
+PAIRS = [("synthetic.yaml", ["synthetic_supervised.yaml"]),
+         ("shb_cpu.yaml", ["shb_cpu_supervised.yaml", "shb_cpu_oracle.yaml"]),
+         ("sha_cpu.yaml", ["sha_cpu_supervised.yaml", "sha_cpu_oracle.yaml"])]
+
+
+def _grid(cfg) -> tuple:
+    t = cfg.trainer
+    return t.check_val_every_n_epoch, t.val_check_interval, t.max_steps
+
+
+@pytest.mark.parametrize("semi,twins", PAIRS, ids=[p[0] for p in PAIRS])
+def test_both_arms_of_every_shipped_pair_validate_on_one_step_grid(semi, twins):
+    """Validation counted in optimizer steps (an epoch is unlabeled batches in one arm, labeled ones in the
+    other), with the same interval and budget; the twins differ from the recipe in one xmask switch only."""
+    from omegaconf import OmegaConf
+
+    from crowdseg.config import load_config
+    from test_config import _flat
+
+    base = load_config(XMASK_EXPERIMENTS / semi)
+    assert base.trainer.check_val_every_n_epoch is None and isinstance(base.trainer.val_check_interval, int)
+    flat = _flat(OmegaConf.to_container(base, resolve=True))
+    for twin in twins:
+        cfg = load_config(XMASK_EXPERIMENTS / twin)
+        assert _grid(cfg) == _grid(base)
+        changed = {k for k, v in _flat(OmegaConf.to_container(cfg, resolve=True)).items() if flat.get(k) != v}
+        assert changed - {"name"} in ({"xmask.semi"}, {"xmask.unlabeled_targets"}), (twin, changed)
+
+
+def test_the_two_arms_validate_at_identical_steps(tmp_path):
+    """Run both arms of the synthetic pair for a few steps: the steps at which they validate are equal,
+    although one arm's epoch is 8 combined batches and the other's 2 labeled batches."""
+    from lightning.pytorch.callbacks import Callback
+
+    from crowdseg.config import load_config
+    from crowdseg.train import train
+
+    class ValidationSteps(Callback):
+        def __init__(self):
+            self.steps = []
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.steps.append(trainer.global_step)
+
+    tiny = ["data.synthetic.num_train=20", "data.synthetic.num_val=4", "data.synthetic.num_test=2",
+            "data.synthetic.height=64", "data.synthetic.width=64", "data.synthetic.max_people=10", "data.crop_size=64",
+            "data.batch_size=2", "data.eval_batch_size=2", "data.label_fraction=20", "xmask.semi_warmup=0",
+            "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+            "logger.wandb.mode=disabled", f"runs_root={tmp_path}"]
+    seen = {}
+    for name in ("synthetic.yaml", "synthetic_supervised.yaml"):
+        steps = ValidationSteps()
+        train(load_config(XMASK_EXPERIMENTS / name, tiny), callbacks=[steps])
+        seen[name] = steps.steps
+    assert seen["synthetic.yaml"] == seen["synthetic_supervised.yaml"]
+    assert seen["synthetic.yaml"][:2] == [2, 4]
+
+
+def test_cutout_cells_cover_a_padded_view():
+    """A strong view smaller than the batch's largest: its kept-cell map is padded to the logits' size
+    with 0 (padding is not image), and a cutout cell is 0 too."""
+    module = tiny_module()
+    stride = module.model.stride
+    cutout = torch.zeros(1, 3 * stride, 2 * stride, dtype=torch.bool)
+    cutout[0, :stride, :stride] = True
+    kept = module._kept_cells(cutout, (4, 3))
+    assert kept.shape == (1, 4, 3)
+    assert kept[0].tolist() == [[0, 1, 0], [1, 1, 0], [1, 1, 0], [0, 0, 0]]

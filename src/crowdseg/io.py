@@ -2,7 +2,9 @@
 
 Every writer in the project (checkpoints aside, which Lightning writes) goes through these helpers:
 the data is written to a temporary file in the target directory and moved into place with
-`os.replace`, which is atomic on POSIX file systems. `CONFIG_KEY` names the entry of a checkpoint that
+`os.replace`, which is atomic on POSIX file systems. A kill during a write leaves only that
+temporary file, which `remove_stale_temporaries` deletes when the next run starts (checkpoints of
+`crowdseg fit`, mask folders of `crowdseg masks`). `CONFIG_KEY` names the entry of a checkpoint that
 holds its run's resolved config (written by crowdseg.train, read by crowdseg.runs and the weight loader).
 """
 from __future__ import annotations
@@ -48,6 +50,24 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+TEMPORARY = ".*.tmp*"  # the names `atomic_path` gives its temporary files: `.<target name>.<random>.tmp<suffix>`
+
+
+def remove_stale_temporaries(*folders: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of `atomic_path` that a killed process left in `folders` (never read:
+    the write they belonged to did not replace its target); returns them. Call it from one process
+    before a run writes there again."""
+    removed = []
+    for folder in folders:
+        for tmp in sorted(Path(folder).glob(TEMPORARY)):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

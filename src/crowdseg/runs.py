@@ -147,17 +147,20 @@ def is_global_zero() -> bool:
         int(os.environ.get("NODE_RANK", "0")) == 0
 
 
-def prepare_run_dir(cfg: DictConfig, write_config: bool = True, path: Optional[Path] = None) -> Path:
-    """Create the run directory (checking it is writable) and write `config.yaml` atomically.
+def prepare_run_dir(cfg: DictConfig, write_config: bool = True, path: Optional[Path] = None,
+                    key: str = "runs_root") -> Path:
+    """Create the run directory (checking it is writable, else an error naming `key`, the setting that
+    placed it) and write `config.yaml` atomically.
 
-    Evaluation commands pass `write_config=False`: the file records what was trained."""
+    Evaluation commands pass `write_config=False`: the file records what was trained; `crowdseg masks`
+    too, whose folder records the settings that shape its masks (`settings.yaml`)."""
     path = path or run_dir(cfg)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe"):
             pass
     except OSError as err:
-        raise ConfigError(f"key 'runs_root': run directory {path} is not writable ({err.strerror})") from None
+        raise ConfigError(f"key '{key}': run directory {path} is not writable ({err.strerror})") from None
     if write_config and is_global_zero():
         write_text_atomic(path / "config.yaml", to_yaml(cfg))
     return path

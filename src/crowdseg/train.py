@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 
 from crowdseg.config import to_yaml
 from crowdseg.console import model_line, progress_bar, quiet_lightning
-from crowdseg.continuation import StepSeed, kill_hooks, remove_stale_temporaries
+from crowdseg.continuation import StepSeed
 from crowdseg.errors import ConfigError
+from crowdseg.io import remove_stale_temporaries
 from crowdseg.methods import METHODS, Job, Method
 from crowdseg.metrics import write_metrics_json
 from crowdseg.runs import (CONFIG_KEY, AtomicCheckpointIO, best_checkpoint, build_checkpoint_callbacks, build_loggers,
@@ -45,26 +46,36 @@ class StoreConfig(Callback):
         checkpoint[CONFIG_KEY] = self.yaml
 
 
-def build_trainer(cfg: DictConfig, path: Path, job: Job, callbacks: Optional[list[Callback]] = None,
+def build_trainer(cfg: DictConfig, path: Path, job: Job, callbacks: Sequence[Callback] = (),
+                  checkpoint_io: Optional[AtomicCheckpointIO] = None, records: bool = True,
                   **overrides: Any) -> L.Trainer:
+    """The Trainer of every command: `cfg.trainer` (+ `overrides`), the run's loggers, checkpoints and
+    step seeding, then the caller's `callbacks`; checkpoints written by `checkpoint_io` (atomic by
+    default; a subclass, e.g. the kill tests' own, must keep that). `records=False` leaves out what
+    keeps a run's records (loggers, checkpoints, step seeding, validation tracking, the EMA), for a job
+    whose outputs are its callbacks' files (`crowdseg masks`)."""
     # None means Lightning's own default, except for check_val_every_n_epoch, where it means "count
     # val_check_interval in steps across epochs"
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if v is not None or k == "check_val_every_n_epoch"}
     trainer_kwargs.setdefault("enable_model_summary", False)  # its table's FLOPs column reads 0 without an example input
     trainer_kwargs["enable_progress_bar"] = progress_bar(trainer_kwargs.get("enable_progress_bar", True))
     trainer_kwargs.update(overrides)
-    monitor, mode = getattr(job.module, "monitor", ("val/loss", "min"))
-    # test hooks (env CROWDSEG_KILL_AT_STEP / CROWDSEG_KILL_IN): kill-and-resume tests stop a child at a known point
-    kill_callbacks, kill_io = kill_hooks()
+    if records:
+        monitor, mode = getattr(job.module, "monitor", ("val/loss", "min"))
+        logger = build_loggers(cfg, path)
+        run_callbacks = (build_checkpoint_callbacks(path, cfg.checkpoint_every_n_steps, monitor, mode)
+                         + [StoreConfig(cfg), StepSeed(cfg.seed),
+                            ValidationStep(report=not trainer_kwargs["enable_progress_bar"])]
+                         + weight_averaging(cfg))
+    else:
+        logger, run_callbacks = False, []
+        trainer_kwargs.setdefault("enable_checkpointing", False)
     quiet_lightning()
     return L.Trainer(
         default_root_dir=str(path),
-        logger=build_loggers(cfg, path),
-        callbacks=build_checkpoint_callbacks(path, cfg.checkpoint_every_n_steps, monitor, mode)
-        + [StoreConfig(cfg), StepSeed(cfg.seed), ValidationStep(report=not trainer_kwargs["enable_progress_bar"])]
-        + weight_averaging(cfg)
-        + list(callbacks or []) + kill_callbacks,
-        plugins=[kill_io or AtomicCheckpointIO()],
+        logger=logger,
+        callbacks=run_callbacks + list(callbacks),
+        plugins=[checkpoint_io or AtomicCheckpointIO()],
         # a module with manual optimisation (rps) clips its gradients by hand; Lightning refuses to
         gradient_clip_val=cfg.optim.grad_clip if job.module.automatic_optimization else None,
         **trainer_kwargs,
@@ -102,8 +113,10 @@ def record_used_images(cfg: DictConfig, split: Any, job: Job) -> tuple[DictConfi
     return with_label_record(cfg, used, val_images), used
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = (),
+          checkpoint_io: Optional[AtomicCheckpointIO] = None) -> dict[str, Any]:
     """Fit the configured method; resume from `<run_dir>/checkpoints/last.ckpt` when it exists.
+    `callbacks` and `checkpoint_io` go to the Trainer (`build_trainer`).
 
     The labeled / unlabeled / val images are decided first and recorded in `cfg.labels` (and so in
     `config.yaml`, the checkpoints, the metrics JSON and the wandb config), then the run directory is
@@ -127,14 +140,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     cfg, split = record_used_images(cfg, split, job)
     prepare_run_dir(cfg, path=path)
     if is_global_zero():
-        remove_stale_temporaries(path)  # of a checkpoint write a kill interrupted
+        remove_stale_temporaries(path / "checkpoints")  # of a checkpoint write a kill interrupted
         written = write_split_files(path, split)
         resuming = f"resuming from step {_step_of(resume_from)}" if resume_from is not None else why
         print(f"[crowdseg] run: {path} ({resuming})", flush=True)
         if split.source.startswith(tuple("0123456789")) or split.val is not None:
             print(f"[crowdseg] labeled: {cfg.labels.labeled_images} images ({split.source}), unlabeled: "
                   f"{cfg.labels.unlabeled_images}, val: {cfg.labels.val_images}; lists in {written[0].parent}", flush=True)
-    trainer = build_trainer(cfg, path, job)
+    trainer = build_trainer(cfg, path, job, callbacks, checkpoint_io)
     if trainer.is_global_zero:
         print(model_line(job.module), flush=True)
     trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=str(resume_from) if resume_from else None)

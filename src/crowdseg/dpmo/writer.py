@@ -12,7 +12,13 @@ across splits, e.g. ShanghaiTech's IMG_1 in train and test):
 
 Every file is written atomically; an image counts as done when its PNG and JSON exist, so a
 rerun skips finished images and a killed job resumes where it stopped. Temporary files a killed
-job left behind are removed at the start of the next run.
+job left behind are removed at the start of the next run. `settings.yaml` records what shapes the
+masks; a rerun with other such settings makes every image again.
+
+The job runs on the machinery of training: the folder is prepared like a run directory
+(`crowdseg.runs.prepare_run_dir`), stale temporaries go with `crowdseg.io.remove_stale_temporaries`,
+settings are compared with `crowdseg.runs.config_differences`, and the Trainer is
+`crowdseg.train.build_trainer` without a run's records (no loggers, no checkpoints).
 
 Images are fed whole with their points (batch size 1, no crop). If the dataset resized an image
 (meta `orig_size` differs from the tensor), the id map is resized back with nearest neighbour.
@@ -29,16 +35,16 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from crowdseg.dpmo.generate import check_dpmo_config, generate_instance_map
-from crowdseg.errors import ConfigError, DataError
-from crowdseg.io import atomic_path, write_json_atomic, write_text_atomic
+from crowdseg.errors import DataError
+from crowdseg.io import atomic_path, remove_stale_temporaries, write_json_atomic, write_text_atomic
+from crowdseg.methods.base import Job
+from crowdseg.runs import config_differences
 from crowdseg.sam.build import build_sam_from_config
 from crowdseg.sam.predictor import BatchedSamPredictor
 from datamodules.readers.idmaps import MAX_PNG_ID, mask_stem, write_id_map_png
-from datamodules.types import collate_samples
 
 
 def masks_dir(cfg: DictConfig) -> Path:
@@ -72,24 +78,20 @@ def mask_settings(cfg: DictConfig) -> dict[str, Any]:
 
 
 def settle_settings(out_dir: Path, settings: dict[str, Any]) -> list[str]:
-    """Make `out_dir` hold masks of `settings`: when its `settings.yaml` records other settings, the
-    finished-image markers (`<stem>.json`) are removed, so every image is made again. Returns the
-    differing keys (empty when the folder is new or up to date)."""
+    """Make `out_dir` hold masks of `settings`: when its `settings.yaml` records other settings (the
+    differences of `crowdseg.runs.config_differences`, as between runs), the finished-image markers
+    (`<stem>.json`) are removed, so every image is made again. Returns the differing keys (empty when
+    the folder is new or up to date)."""
     import yaml
 
     path = out_dir / SETTINGS_FILE
-    changed: list[str] = []
+    markers = list(out_dir.glob("*.json"))
     if path.is_file():
-        old = yaml.safe_load(path.read_text()) or {}
-        changed = sorted(f"{section}.{key}" for section in settings.keys() | old.keys()
-                         for key in (settings.get(section) or {}).keys() | (old.get(section) or {}).keys()
-                         if (settings.get(section) or {}).get(key) != (old.get(section) or {}).get(key))
-        if changed:
-            for marker in out_dir.glob("*.json"):
-                marker.unlink()
-    elif any(out_dir.glob("*.json")):
-        changed = ["(masks made before settings were recorded)"]
-        for marker in out_dir.glob("*.json"):
+        changed = list(config_differences(yaml.safe_load(path.read_text()) or {}, settings))
+    else:
+        changed = ["(masks made before settings were recorded)"] if markers else []
+    if changed:
+        for marker in markers:
             marker.unlink()
     if changed or not path.is_file():
         write_text_atomic(path, yaml.safe_dump(settings, sort_keys=True))
@@ -208,60 +210,50 @@ def overlay_picture(image: torch.Tensor, id_map: np.ndarray, points: Optional[to
     return out
 
 
-def remove_stale_temp_files(out_dir: Path) -> int:
-    """Delete temporary files (`.<name>.*.tmp*`) a killed run left behind; returns how many."""
-    removed = 0
-    for folder in (out_dir, out_dir / "overlays"):
-        if folder.is_dir():
-            for path in folder.glob(".*.tmp*"):
-                path.unlink(missing_ok=True)
-                removed += 1
-    return removed
+def masks_job(cfg: DictConfig, out_dir: Path) -> Job:
+    """The module (`MaskGenerator`: SAM and the `dpmo` settings) and data (the `dpmo.split` images with
+    their points, whole, one at a time) of `crowdseg masks`."""
+    from crowdseg.data import build_dataset
+    from datamodules.crowd import CrowdDataModule
+
+    # the masks are being made: read the images and points only, never attach existing masks
+    dataset = build_dataset(OmegaConf.merge(cfg, {"data": {"masks_dir": None}}), cfg.dpmo.split)
+    check_unique_stems([r.name for r in getattr(dataset, "records", [])], out_dir)
+    sam = build_sam_from_config(cfg.sam)
+    dpmo = OmegaConf.create(OmegaConf.to_container(cfg.dpmo, resolve=True))
+    module = MaskGenerator(sam, dpmo, cfg.sam.prompt_chunk, out_dir, keep_images=cfg.dpmo.overlays)
+    return Job(module, CrowdDataModule(predict=dataset, eval_batch_size=1, num_workers=cfg.data.num_workers))
 
 
 def run_masks(cfg: DictConfig) -> dict[str, Any]:
-    """Generate instance masks for the `dpmo.split` split of the configured dataset.
+    """Generate instance masks for the `dpmo.split` split of the configured dataset (the steps are
+    training's; see the module docstring).
 
     Returns out_dir, images (in the split), written and skipped (summed over all ranks) and
     masks_on_disk (finished images in out_dir).
     """
-    from crowdseg.console import progress_bar, quiet_lightning
-    from crowdseg.data import build_dataset
-    from crowdseg.runs import is_global_zero
+    from crowdseg.runs import is_global_zero, prepare_run_dir
+    from crowdseg.train import build_trainer
 
     check_dpmo_config(cfg.dpmo)
-    out_dir = masks_dir(cfg)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"key 'dpmo.out_dir': cannot create {out_dir} ({err.strerror})") from None
+    out_dir = prepare_run_dir(cfg, write_config=False, path=masks_dir(cfg),
+                              key="dpmo.out_dir" if cfg.dpmo.out_dir else "runs_root")
     if is_global_zero():
-        remove_stale_temp_files(out_dir)
-    # the masks are being made: read the images and points only, never attach existing masks
-    dataset = build_dataset(OmegaConf.merge(cfg, {"data": {"masks_dir": None}}), cfg.dpmo.split)
-    check_unique_stems([r.name for r in getattr(dataset, "records", [])], out_dir)
-    model = build_sam_from_config(cfg.sam)  # checks sam.checkpoint before it is hashed below
+        remove_stale_temporaries(out_dir, out_dir / "overlays")
+    job = masks_job(cfg, out_dir)  # checks sam.checkpoint before it is hashed below
     if is_global_zero():
         changed = settle_settings(out_dir, mask_settings(cfg))
         if changed:
             print(f"[crowdseg] {out_dir} holds masks made with other settings ({', '.join(changed[:6])}): "
                   f"making every image again", flush=True)
-    dpmo = OmegaConf.create(OmegaConf.to_container(cfg.dpmo, resolve=True))
-    module = MaskGenerator(model, dpmo, cfg.sam.prompt_chunk, out_dir, keep_images=cfg.dpmo.overlays)
     writer = MaskWriter(out_dir, cfg.dpmo.overlays, extra={"sam_model_type": cfg.sam.model_type,
                                                            "split": cfg.dpmo.split})
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=cfg.data.num_workers,
-                        collate_fn=collate_samples)
-    t = cfg.trainer
-    quiet_lightning()
-    trainer = L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-                        precision=t.precision, logger=False, enable_checkpointing=False, callbacks=[writer],
-                        enable_progress_bar=progress_bar(t.enable_progress_bar), enable_model_summary=False,
-                        default_root_dir=str(out_dir))
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    trainer = build_trainer(cfg, out_dir, job, [writer], records=False)
+    trainer.predict(job.module, datamodule=job.datamodule, return_predictions=False)
     # Totals over all ranks: with DDP every image is written by exactly one of them.
     counts = torch.tensor([writer.written, writer.skipped], dtype=torch.float64, device=trainer.strategy.root_device)
     written, skipped = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum").tolist())
-    return {"out_dir": str(out_dir), "images": len(dataset), "written": written, "skipped": skipped,
+    return {"out_dir": str(out_dir), "images": len(job.datamodule.dataset("predict")), "written": written,
+            "skipped": skipped,
             "masks_on_disk": sum(1 for p in out_dir.glob("*.json") if (p.with_suffix(".png")).is_file())}
 

@@ -303,12 +303,14 @@ class XMaskModule(StageHooks, L.LightningModule):
         return points
 
     def _kept_cells(self, cutout: Optional[Tensor], shape: tuple[int, int]) -> Optional[Tensor]:
-        """(B, h, w) float: 1 for cells mostly not erased by the cutout (XMask's crop_den_masks)."""
+        """(B, h, w) float: 1 for cells mostly not erased by the cutout (XMask's crop_den_masks), 0 for
+        cells past the cutout mask (padding of a view smaller than the batch's largest)."""
         if cutout is None:
             return None
         kept = (~cutout.bool()).float().unsqueeze(1)
-        cells = F.avg_pool2d(kept, self.model.stride, self.model.stride)[:, 0] >= 0.5
-        return cells[..., :shape[0], :shape[1]].float()
+        cells = (F.avg_pool2d(kept, self.model.stride, self.model.stride)[:, 0] >= 0.5).float()
+        cells = cells[..., :shape[0], :shape[1]]
+        return F.pad(cells, (0, shape[1] - cells.shape[-1], 0, shape[0] - cells.shape[-2]))
 
     # phase 1 ------------------------------------------------------------------------------------
     def _phase1_sup(self, labeled) -> tuple[Tensor, dict]:
