@@ -222,3 +222,20 @@ def test_cutout_cells_cover_a_padded_view():
     kept = module._kept_cells(cutout, (4, 3))
     assert kept.shape == (1, 4, 3)
     assert kept[0].tolist() == [[0, 1, 0], [1, 1, 0], [1, 1, 0], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("dataset", ["shb", "sha"])
+def test_stage_two_starts_from_the_last_checkpoint_of_its_own_stage_one(dataset):
+    """`<d>_cpu*.yaml` start (xmask.init_ckpt) where `<d>_cpu_warmup.yaml` of the same seed and runs_root
+    writes its last.ckpt (the run name holds the real label % of the planned split)."""
+    from crowdseg.config import load_config
+    from crowdseg.runs import run_dir
+    from crowdseg.train import plan_run
+
+    for seed in (0, 2):
+        overrides = [f"seed={seed}", "runs_root=/somewhere"]
+        warmup, _ = plan_run(load_config(XMASK_EXPERIMENTS / f"{dataset}_cpu_warmup.yaml", overrides))
+        assert not warmup.xmask.semi and warmup.xmask.init_ckpt is None
+        for arm in ("", "_supervised", "_oracle"):
+            cfg = load_config(XMASK_EXPERIMENTS / f"{dataset}_cpu{arm}.yaml", overrides)
+            assert cfg.xmask.init_ckpt == str(run_dir(warmup) / "checkpoints" / "last.ckpt")
