@@ -79,3 +79,39 @@ def test_log_axis_ticks_are_plain_numbers(tmp_path):
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["10", "40"]
     assert not [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+
+
+def _log_validations(run: Path, rows: list[tuple[int, float, float]]) -> None:
+    """Lightning's CSV: a training row between validations; a validation after N steps in row N - 1."""
+    lines = ["epoch,step,train/loss,val/mae,val/teacher_mae"]
+    for steps, mae, teacher in rows:
+        lines += [f"0,{steps - 2},1.0,,", f"0,{steps - 1},,{mae},{teacher}"]
+    (run / "csv").mkdir()
+    (run / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_arms_compared_at_one_step_and_at_their_best_validation(tmp_path, capsys):
+    semi = [fake_run(tmp_path / "runs", "xmask/shb_cpu", 5, seed, 99.0, None) for seed in (0, 1)]
+    control = fake_run(tmp_path / "runs", "xmask/shb_cpu_supervised", 5, 0, 99.0, None)
+    _log_validations(semi[0], [(100, 30.0, 28.0), (200, 20.0, 22.0)])
+    _log_validations(semi[1], [(100, 34.0, 26.0), (200, 24.0, 27.0)])
+    _log_validations(control, [(100, 40.0, 41.0), (200, 35.0, 36.0), (300, 30.0, 31.0)])
+
+    assert main(["report", str(tmp_path / "runs"), "--at-step", "200", "--out", str(tmp_path / "a.png"),
+                 "--json", str(tmp_path / "a.json")]) == 0
+    rows = {r["experiment"]: r for r in json.loads((tmp_path / "a.json").read_text())}
+    assert rows["xmask/shb_cpu"]["val/mae"] == pytest.approx([22.0, 2.8284271])  # not the 99 of val.json
+    assert rows["xmask/shb_cpu"]["val/teacher_mae"][0] == pytest.approx(24.5)
+    assert rows["xmask/shb_cpu_supervised"]["val/mae"][0] == 35.0 and rows["xmask/shb_cpu"]["steps"] == [200]
+
+    assert main(["report", str(tmp_path / "runs"), "--best", "val/teacher_mae", "--out", str(tmp_path / "b.png"),
+                 "--json", str(tmp_path / "b.json")]) == 0
+    rows = {r["experiment"]: r for r in json.loads((tmp_path / "b.json").read_text())}
+    assert rows["xmask/shb_cpu"]["steps"] == [100, 200]          # seed 0's best at 200 (22), seed 1's at 100 (26)
+    assert rows["xmask/shb_cpu"]["val/teacher_mae"][0] == pytest.approx((22.0 + 26.0) / 2)
+    assert rows["xmask/shb_cpu"]["val/mae"][0] == pytest.approx((20.0 + 34.0) / 2)  # of the same validations
+    assert rows["xmask/shb_cpu_supervised"]["val/mae"][0] == 30.0
+
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "runs"), "--at-step", "300", "--out", str(tmp_path / "c.png")]) == 2
+    assert "no validation after 300 steps (it validated after 100, 200)" in capsys.readouterr().err

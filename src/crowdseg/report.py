@@ -6,13 +6,20 @@ config and summary). Runs are grouped by experiment and label fraction; the tabl
 of labeled images, mean +- std over seeds and the number of runs, and a PNG plots MAE and Mean IoU_C
 (the ones some run has) against the label fraction, one line per experiment.
 
+Arms of a comparison are compared where they are comparable: `--at-step N` takes every run's
+validation after N optimizer steps (from its `csv/metrics.csv`), `--best KEY` the validation where
+KEY was lowest (the one best.ckpt holds when KEY is the run's monitored metric).
+
     crowdseg report runs/                       # every run below runs/
     crowdseg report runs/a runs/b --out cmp.png
+    crowdseg report runs/xmask --at-step 800    # every arm at the same step
+    crowdseg report runs/xmask --best val/teacher_mae
     crowdseg report --wandb entity/project
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 from dataclasses import dataclass, field
@@ -23,7 +30,7 @@ import yaml
 
 from crowdseg.errors import DataError
 
-COLUMNS = ("val/mae", "val/iou_c", "test/mae", "test/iou_c")  # shown when some run has them
+COLUMNS = ("val/mae", "val/teacher_mae", "val/iou_c", "test/mae", "test/iou_c")  # shown when some run has them
 PLOTTED = ("mae", "iou_c")
 
 
@@ -36,6 +43,7 @@ class RunFacts:
     metrics: dict[str, float] = field(default_factory=dict)
     where: str = ""
     labeled_images: Optional[int] = None
+    step: Optional[int] = None  # the validation the metrics are of (--at-step / --best)
 
 
 def labeled_images(*labels: Any) -> Optional[int]:
@@ -67,6 +75,45 @@ def run_facts(run_dir: Path) -> RunFacts:
             recorded.append(record.get("labels"))
     return RunFacts(cfg.get("name", run_dir.parent.name), cfg.get("method", "?"), float(fraction),
                     int(cfg.get("seed", 0)), _aliases(metrics), str(run_dir), labeled_images(*recorded))
+
+
+def val_history(run_dir: Path) -> dict[int, dict[str, float]]:
+    """{optimizer steps done: the val metrics logged then} of a run, from its `csv/metrics.csv`
+    (Lightning writes a validation after N steps in the row of step N - 1)."""
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.is_file():
+        raise DataError(f"{path}: no metrics log (the run has not validated yet)")
+    history: dict[int, dict[str, float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            values = {k: float(v) for k, v in row.items() if k and k.startswith("val/") and v not in ("", None)}
+            if values and row.get("step"):
+                history.setdefault(int(float(row["step"])) + 1, {}).update(values)
+    return history
+
+
+def at_step(facts: RunFacts, step: int) -> RunFacts:
+    """`facts` with the val metrics of the run's validation after `step` optimizer steps."""
+    history = val_history(Path(facts.where))
+    if step not in history:
+        raise DataError(f"{facts.where}: no validation after {step} steps (it validated after "
+                        f"{', '.join(map(str, sorted(history))) or 'none'})")
+    return _with_val(facts, history[step], step)
+
+
+def at_best(facts: RunFacts, key: str) -> RunFacts:
+    """`facts` with the val metrics of the run's validation where `key` was lowest."""
+    history = {s: m for s, m in val_history(Path(facts.where)).items() if key in m}
+    if not history:
+        raise DataError(f"{facts.where}: no validation logged {key!r}")
+    step = min(history, key=lambda s: (history[s][key], s))
+    return _with_val(facts, history[step], step)
+
+
+def _with_val(facts: RunFacts, val: dict[str, float], step: int) -> RunFacts:
+    kept = {k: v for k, v in facts.metrics.items() if not k.startswith("val/") or k == "val/mae_mean_baseline"}
+    return RunFacts(facts.experiment, facts.method, facts.fraction, facts.seed, _aliases({**kept, **val}),
+                    facts.where, facts.labeled_images, step)
 
 
 def _aliases(metrics: dict[str, float]) -> dict[str, float]:
@@ -127,6 +174,7 @@ def summarise(facts: list[RunFacts]) -> list[dict[str, Any]]:
     for (experiment, fraction), runs in sorted(groups.items()):
         row: dict[str, Any] = {"experiment": experiment, "method": runs[0].method, "fraction": fraction,
                                "n": len(runs), "seeds": sorted(r.seed for r in runs),
+                               "steps": sorted({r.step for r in runs} - {None}),
                                "labeled_images": sorted({r.labeled_images for r in runs} - {None})}
         for key in sorted({k for r in runs for k in r.metrics}):
             values = [r.metrics[key] for r in runs if key in r.metrics]
@@ -137,11 +185,14 @@ def summarise(facts: list[RunFacts]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     columns = [c for c in COLUMNS if any(c in r for r in rows)]
-    header = ["experiment", "method", "label %", "labeled", "n", *columns]
+    with_steps = any(r.get("steps") for r in rows)  # --at-step / --best: the validations compared
+    header = ["experiment", "method", "label %", "labeled", "n", *(["step"] if with_steps else []), *columns]
     lines = [header]
     for r in rows:
         labeled = "/".join(map(str, r.get("labeled_images", []))) or "-"
         cells = [r["experiment"], r["method"], f"{r['fraction']:g}", labeled, str(r["n"])]
+        if with_steps:
+            cells.append("/".join(map(str, r.get("steps", []))) or "-")
         for c in columns:
             if c in r:
                 mean, std = r[c]
@@ -217,10 +268,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--wandb", default=None, metavar="ENTITY/PROJECT", help="read the runs of a wandb project")
     parser.add_argument("--out", default="report.png", help="PNG plot path (default: report.png)")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--at-step", type=int, default=None, metavar="N",
+                      help="val metrics of every run's validation after N optimizer steps")
+    when.add_argument("--best", default=None, metavar="KEY", help="val metrics of each run's validation with the lowest KEY")
     args = parser.parse_args(argv)
     if bool(args.runs) == bool(args.wandb):
         parser.error("give run directories or --wandb ENTITY/PROJECT")
+    if args.wandb and (args.at_step is not None or args.best):
+        parser.error("--at-step and --best read run directories, not --wandb")
     facts = wandb_facts(args.wandb) if args.wandb else [run_facts(p) for p in find_runs(args.runs)]
+    if args.at_step is not None:
+        facts = [at_step(f, args.at_step) for f in facts]
+    elif args.best:
+        facts = [at_best(f, args.best) for f in facts]
     rows = summarise(facts)
     print(format_table(rows))
     print(f"plot: {plot(rows, Path(args.out))}")
@@ -230,5 +291,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["run_facts", "find_runs", "summarise", "format_table", "plotted_metrics", "figure", "plot", "mean_std",
+__all__ = ["run_facts", "val_history", "at_step", "at_best", "find_runs", "summarise", "format_table", "plotted_metrics", "figure", "plot", "mean_std",
            "main"]
