@@ -30,11 +30,15 @@ lock:
 demo: install
 	$(VENV)/bin/crowdseg fit experiments/p2p/synthetic.yaml
 
+# One pytest worker per core (pytest-xdist); a test file stays on one worker, so its module fixtures
+# (e.g. the uninterrupted reference run of tests/test_exact_resume.py) are built once.
+PYTEST := $(PY) -m pytest -q -n auto --dist loadfile
+
 test: install
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: install
 	$(PY) benchmarks/data_pipeline.py
