@@ -37,6 +37,7 @@ other commands:
   eval-loc   evaluate NWPU-format localization files (--gt FILE --pred FILE [--json])
   splits     write label-fraction split files (<dataset> --fractions 5 10 40 --seed S; into ./splits/<dataset> or --out DIR)
   report     table + PNG of runs by experiment and label fraction (<runs dir ...> | --wandb ENTITY/PROJECT)
+  sweep      run a sweep file's grid locally, one `crowdseg fit` per combination (<sweep.yaml> [--dry-run])
 
 methods (the `method:` key):
 {methods}
@@ -54,6 +55,7 @@ RAW_COMMANDS = {
     "eval-loc": "crowdseg.metrics.eval_loc:main",
     "splits": "datamodules.splits:main",
     "report": "crowdseg.report:main",
+    "sweep": "crowdseg.sweep:main",
 }
 
 
