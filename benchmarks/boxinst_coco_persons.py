@@ -22,18 +22,15 @@ scores each base run's last.ckpt (the end of its cosine schedule, no selection) 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_runs import ROOT, crowdseg, fit_and_test, seed_metrics, seed_of, write_results
+
 EXPERIMENTS = ROOT / "experiments" / "boxinst"
 RESULTS = ROOT / "benchmarks" / "results" / "boxinst_coco_persons.json"
 SYNTHETIC = ROOT / "runs" / "boxinst" / "synthetic" / "boxinst-synthetic-lf100-s0" / "checkpoints" / "last.ckpt"
-# (label, arm, metric prefix): the arm is the run's name without its seed
 # (label, arm, metric prefix, metrics file): best.ckpt's test.json, or last.ckpt's test_last.json
 ROWS = (("BoxInst, detections' masks", "base", "", "test"),
         ("the same detections, boxes filled", "base", "boxfill_", "test"),
@@ -54,19 +51,9 @@ EXPERIMENT = {"base": "coco_persons", "synstart": "coco_persons", "overlap": "co
               "finetune": "coco_persons_overlap"}
 
 
-def crowdseg(command: str, arm: str, seed: int, out: Path, overrides: list[str]) -> None:
-    args = [sys.executable, "-m", "crowdseg", command, str(EXPERIMENTS / f"{EXPERIMENT[arm]}.yaml"), f"seed={seed}",
-            f"runs_root={out}", f"run_name={arm}_seed{seed}", *overrides]
-    print("+", " ".join(args[2:]), flush=True)
-    done = subprocess.run(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
-    if done.returncode != 0:  # the command has printed its own error
-        raise SystemExit(f"boxinst_coco_persons: `crowdseg {command}` of {arm} seed {seed} failed "
-                         f"(exit {done.returncode}); rerun to resume")
-
-
 def train_and_test(arm: str, seed: int, out: Path, overrides: list[str]) -> None:
-    crowdseg("fit", arm, seed, out, overrides)
-    crowdseg("test", arm, seed, out, overrides)
+    fit_and_test("boxinst_coco_persons", EXPERIMENTS / f"{EXPERIMENT[arm]}.yaml", f"{arm}_seed{seed}", seed, out,
+                 overrides)
 
 
 def arm_overrides(arm: str, seed: int, out: Path, synthetic: Path) -> list[str]:
@@ -83,26 +70,18 @@ def retest_last(out: Path, seed: int) -> None:
     the val-selected best.ckpt's)."""
     metrics_dir = run_dir(out, "base", seed) / "metrics"
     best = (metrics_dir / "test.json").read_text()
-    args = [sys.executable, "-m", "crowdseg", "test", "--ckpt", str(run_dir(out, "base", seed) / "checkpoints" / "last.ckpt")]
-    print("+", " ".join(args[2:]), flush=True)
-    done = subprocess.run(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
-    if done.returncode != 0:
-        raise SystemExit(f"boxinst_coco_persons: testing last.ckpt of base seed {seed} failed")
+    crowdseg("boxinst_coco_persons", "test", "--ckpt", run_dir(out, "base", seed) / "checkpoints" / "last.ckpt")
     (metrics_dir / "test.json").replace(metrics_dir / "test_last.json")
     (metrics_dir / "test.json").write_text(best)
 
 
 def val_rows(out: Path, arm: str) -> dict[int, dict[int, dict[str, float]]]:
-    """{seed: {step: val metrics}} from the runs' metrics.csv."""
-    import csv
+    """{seed: {step: val metrics}} of the validations in the runs' metrics.csv."""
+    from crowdseg.report import val_history
 
-    found = {}
-    for path in sorted(out.glob(str(run_dir(Path(), arm, "*") / "csv" / "metrics.csv"))):
-        seed = int(path.parent.parent.name.rsplit("seed", 1)[1])
-        with open(path) as f:
-            found[seed] = {int(r["step"]) + 1: {k.split("/", 1)[1]: float(v) for k, v in r.items() if k.startswith("val/") and v}
-                           for r in csv.DictReader(f) if r.get("val/gtbox_mask_iou")}
-    return found
+    return {seed_of(run): {step: {k.split("/", 1)[1]: v for k, v in m.items()} for step, m in val_history(run).items()
+                           if "val/gtbox_mask_iou" in m}
+            for run in sorted(out.glob(str(run_dir(Path(), arm, "*")))) if (run / "csv" / "metrics.csv").is_file()}
 
 
 def val_at_equal_steps(out: Path, keys=("gtbox_mask_iou", "gtboxfill_mask_iou", "mask_ap50", "box_ap50")) -> dict:
@@ -116,11 +95,7 @@ def val_at_equal_steps(out: Path, keys=("gtbox_mask_iou", "gtboxfill_mask_iou", 
 
 def metrics(out: Path, arm: str, stage: str) -> dict[int, dict[str, float]]:
     """{seed: {metric: value}} of the runs of `arm` with a `metrics/<stage>.json`."""
-    found = {}
-    for path in sorted(out.glob(str(run_dir(Path(), arm, "*") / "metrics" / f"{stage}.json"))):
-        seed = int(path.parent.parent.name.rsplit("seed", 1)[1])
-        found[seed] = {k.split("/", 1)[1]: v for k, v in json.loads(path.read_text())["metrics"].items()}
-    return found
+    return seed_metrics(out.glob(str(run_dir(Path(), arm, "*"))), stage)
 
 
 def _cell(values: list[float]) -> str:
@@ -271,8 +246,7 @@ def main() -> None:
                "test_metrics": {f"{arm}_seed{seed}": m for arm in EXPERIMENT for seed, m in metrics(out, arm, "test").items()},
                "last_val_metrics": {f"{arm}_seed{seed}": m for arm in EXPERIMENT
                                     for seed, m in metrics(out, arm, "val").items()}}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))
+    write_results(RESULTS, results, len(results["test_metrics"]), out)
     print(table)
     if args.figure is not None:
         figure(out, args.figure, min(metrics(out, "base", "test")))

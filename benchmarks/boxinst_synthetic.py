@@ -15,14 +15,12 @@ test metrics and the table are written to benchmarks/results/boxinst_synthetic.j
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_runs import ROOT, fit_and_test, seed_metrics, write_results
+
 EXPERIMENTS = ROOT / "experiments" / "boxinst"
 RESULTS = ROOT / "benchmarks" / "results" / "boxinst_synthetic.json"
 KEYS = ("mask_ap", "mask_ap50", "mask_ap75", "overlap", "box_ap50", "detections")
@@ -37,28 +35,14 @@ def run_dir(out: Path, experiment: str, seed: int | str) -> Path:
     return out / "boxinst" / experiment / f"{experiment}_seed{seed}"
 
 
-def crowdseg(command: str, experiment: str, seed: int, out: Path, overrides: list[str]) -> None:
-    args = [sys.executable, "-m", "crowdseg", command, str(EXPERIMENTS / f"{experiment}.yaml"), f"seed={seed}",
-            f"runs_root={out}", f"run_name={experiment}_seed{seed}", *overrides]
-    print("+", " ".join(args[2:]), flush=True)
-    done = subprocess.run(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
-    if done.returncode != 0:  # the command has printed its own error
-        raise SystemExit(f"boxinst_synthetic: `crowdseg {command}` of {experiment} seed {seed} failed "
-                         f"(exit {done.returncode}); rerun to resume")
-
-
 def train_and_test(experiment: str, seed: int, out: Path, overrides: list[str]) -> None:
-    crowdseg("fit", experiment, seed, out, overrides)
-    crowdseg("test", experiment, seed, out, overrides)
+    fit_and_test("boxinst_synthetic", EXPERIMENTS / f"{experiment}.yaml", f"{experiment}_seed{seed}", seed, out,
+                 overrides)
 
 
 def test_metrics(out: Path, experiment: str) -> dict[int, dict[str, float]]:
     """{seed: {metric: value}} of the runs of `experiment` under `out` that have been tested."""
-    found = {}
-    for path in sorted(out.glob(str(run_dir(Path(), experiment, "*") / "metrics" / "test.json"))):
-        seed = int(path.parent.parent.name.rsplit("seed", 1)[1])
-        found[seed] = {k[len("test/"):]: v for k, v in json.loads(path.read_text())["metrics"].items()}
-    return found
+    return seed_metrics(out.glob(str(run_dir(Path(), experiment, "*"))), "test")
 
 
 def summary(out: Path) -> str:
@@ -136,8 +120,7 @@ def main() -> None:
     table = summary(out)
     per_seed = {f"{experiment}_seed{seed}": metrics for experiment in dict.fromkeys(row[1] for row in ROWS)
                 for seed, metrics in test_metrics(out, experiment).items()}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"table": table.splitlines(), "test_metrics": per_seed}, indent=1))
+    write_results(RESULTS, {"table": table.splitlines(), "test_metrics": per_seed}, len(per_seed), out)
     print(table)
     if args.figure is not None:
         val_curves(out, args.figure)
