@@ -1,0 +1,198 @@
+"""XMask's semi-supervised counting against its controls on real crowds, on a CPU (issue 18; docs/xmask.md).
+
+Per seed, with the framework's own commands (a killed script resumes its runs when rerun):
+1. stage 1, `<d>_cpu_warmup.yaml`: the supervised start (labeled images only, 1600 steps);
+2. from its last.ckpt, the same 800 steps and validation grid for every arm:
+   - semi:       `<d>_cpu.yaml`              the teacher's targets on the unlabeled images (XMask);
+   - supervised: `<d>_cpu_supervised.yaml`   the control, labeled images only;
+   - oracle:     `<d>_cpu_oracle.yaml`       the unlabeled images' true points (an upper bound of the branch);
+   - full:       the control with every image labeled (the far end of the gap).
+`--summary` compares the arms at the last step of the grid and at each run's best validation of the
+monitored metric (the teacher's val MAE), as `crowdseg report --at-step / --best` do, with the
+mean-count baseline; how much of the gap between the control and the full run the semi-supervised
+run closes; it writes benchmarks/results/xmask_<d>_cpu.json and, with --figure, the val curves.
+
+    OMP_NUM_THREADS=1 python benchmarks/xmask_cpu.py --dataset shb --seeds 0 1 2 --arms semi supervised
+    python benchmarks/xmask_cpu.py --dataset shb --summary --figure docs/figures/xmask_shb_cpu.png
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from bench_runs import ROOT, crowdseg, write_results
+
+EXPERIMENTS = ROOT / "experiments" / "xmask"
+ARMS = ("semi", "supervised", "oracle", "full")
+LABEL = {"semi": "XMask (teacher targets)", "supervised": "supervised control", "oracle": "oracle (true points)",
+         "full": "100 % labeled", "warmup": "stage 1 (supervised start)"}
+MONITOR = "val/teacher_mae"
+ALL_LABELED = {"shb": "data.label_fraction=100", "sha": "data.labeled_list=null"}
+
+
+def arm_command(dataset: str, arm: str) -> list[str]:
+    """The experiment and overrides of an arm (seed and runs_root aside)."""
+    name = {"semi": "cpu", "supervised": "cpu_supervised", "oracle": "cpu_oracle", "full": "cpu_supervised",
+            "warmup": "cpu_warmup"}[arm]
+    return [str(EXPERIMENTS / f"{dataset}_{name}.yaml")] + ([ALL_LABELED[dataset]] if arm == "full" else [])
+
+
+def arm_runs(dataset: str, arm: str, out: Path) -> list[Path]:
+    """The run directories of an arm under `out` (every seed), found by their recorded settings."""
+    import yaml
+
+    experiment = f"xmask/{Path(arm_command(dataset, arm)[0]).stem}"
+    runs = []
+    for config in sorted((out / experiment).glob("*/config.yaml")):
+        cfg = yaml.safe_load(config.read_text())
+        all_labeled = (cfg["labels"].get("unlabeled_images") or 0) == 0
+        if all_labeled == (arm == "full") and (config.parent / "csv" / "metrics.csv").is_file():
+            runs.append(config.parent)
+    return runs
+
+
+def curves(runs: list[Path]) -> dict[int, dict[int, dict[str, float]]]:
+    """{seed: {step: val metrics}} of runs."""
+    import yaml
+
+    from crowdseg.report import val_history
+
+    return {int(yaml.safe_load((r / "config.yaml").read_text())["seed"]): val_history(r) for r in runs}
+
+
+def mean_std(values: list[float]) -> list[float]:
+    return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+
+
+def compare(dataset: str, out: Path) -> dict:
+    """Per arm and seed, the val metrics at the grid's last step and at the best teacher validation;
+    mean +- std over seeds; the gap and the share of it the semi-supervised arm closes."""
+    keys = ("val/teacher_mae", "val/mae", "val/teacher_rmse", "val/unlabeled_teacher_count_mae")
+    arms = {}
+    for arm in ("warmup", *ARMS):
+        history = curves(arm_runs(dataset, arm, out))
+        if not history:
+            continue
+        last = max(min(max(h) for h in history.values()), 0)  # the last step every seed reached
+        best = {seed: min(h, key=lambda s: (h[s].get(MONITOR, float("inf")), s)) for seed, h in history.items()}
+        arms[arm] = {
+            "seeds": sorted(history), "last_step": last,
+            "at_last_step": {k: mean_std([h[last][k] for h in history.values() if k in h.get(last, {})])
+                             for k in keys if all(k in h.get(last, {}) for h in history.values())},
+            "at_best": {k: mean_std([history[s][best[s]][k] for s in history]) for k in keys
+                        if all(k in history[s][best[s]] for s in history)},
+            "best_steps": [best[s] for s in sorted(history)],
+            "per_seed_last": {str(s): {k: h[last][k] for k in keys if k in h.get(last, {})} for s, h in history.items()},
+            "curve": {str(s): {str(step): m.get(MONITOR) for step, m in sorted(h.items())} for s, h in history.items()},
+        }
+    result = {"dataset": dataset, "monitor": MONITOR, "arms": arms, "baseline_val_mae": baseline(dataset, out)}
+    if {"semi", "supervised", "full"} <= arms.keys():
+        for when in ("at_last_step", "at_best"):
+            control, full, semi = (arms[a][when][MONITOR][0] for a in ("supervised", "full", "semi"))
+            result[f"gap_{when}"] = {"control_minus_full": control - full, "control_minus_semi": control - semi,
+                                     "share_closed": (control - semi) / (control - full) if control != full else None,
+                                     "seed_spread": max(arms["semi"][when][MONITOR][1],
+                                                        arms["supervised"][when][MONITOR][1])}
+    return result
+
+
+def baseline(dataset: str, out: Path) -> float | None:
+    """The mean-count predictor's val MAE, recorded by the stage-1 runs."""
+    import json
+
+    for run in arm_runs(dataset, "warmup", out):
+        path = run / "metrics" / "val.json"
+        if path.is_file():
+            return json.loads(path.read_text())["metrics"].get("val/mae_mean_baseline")
+    return None
+
+
+def table(result: dict) -> str:
+    """Markdown: teacher val MAE mean +- std per arm, at the grid's last step and at the best validation."""
+    lines = ["| arm | seeds | val MAE, teacher, last step | val MAE, teacher, best validation (step) | val MAE, student, last step |",
+             "|---|---|---:|---:|---:|"]
+    for arm, facts in result["arms"].items():
+        cells = []
+        for when, key in (("at_last_step", MONITOR), ("at_best", MONITOR), ("at_last_step", "val/mae")):
+            mean, std = facts[when].get(key, (float("nan"), 0.0))
+            cells.append(f"{mean:.1f} ± {std:.1f}")
+        cells[1] += f" ({'/'.join(map(str, facts['best_steps']))})"
+        lines.append(f"| {LABEL[arm]} | {','.join(map(str, facts['seeds']))} | " + " | ".join(cells) + " |")
+    if result["baseline_val_mae"] is not None:
+        lines.append(f"| mean-count baseline | - | {result['baseline_val_mae']:.1f} | | |")
+    return "\n".join(lines)
+
+
+def figure(result: dict, path: Path) -> None:
+    """Teacher val MAE against optimizer steps of stage 2, one line per arm (mean over seeds, band = std)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from crowdseg.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for arm, facts in result["arms"].items():
+        if arm == "warmup":
+            continue
+        steps = sorted({int(s) for c in facts["curve"].values() for s in c}
+                       & set.intersection(*({int(s) for s in c} for c in facts["curve"].values())))
+        values = [[facts["curve"][seed][str(s)] for seed in facts["curve"]] for s in steps]
+        mean = [statistics.mean(v) for v in values]
+        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        line, = ax.plot(steps, mean, "-o", ms=3, label=f"{LABEL[arm]} (n={len(facts['seeds'])})")
+        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.15)
+    if "warmup" in result["arms"]:
+        start = result["arms"]["warmup"]["at_last_step"][MONITOR][0]
+        ax.axhline(start, color="grey", ls=":", label=f"stage-1 end ({start:.1f})")
+    if result["baseline_val_mae"] is not None:
+        ax.axhline(result["baseline_val_mae"], color="black", ls="--", lw=1,
+                   label=f"mean-count baseline ({result['baseline_val_mae']:.1f})")
+    ax.set_xlabel("optimizer steps after the supervised start")
+    ax.set_ylabel("val MAE of the EMA teacher (lower is better)")
+    ax.set_title(f"XMask phase 1 on {result['dataset'].upper()}, resnet18 from scratch, CPU")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=("shb", "sha"), default="shb")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--out", type=Path, default=ROOT / "runs", help="runs_root of the runs")
+    parser.add_argument("--summary", action="store_true", help="only summarise the runs found under --out")
+    parser.add_argument("--figure", type=Path, default=None, help="also write the val curves here (PNG)")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    if not args.summary:
+        for seed in args.seeds:
+            common = [f"seed={seed}", f"runs_root={out}"]
+            crowdseg("xmask_cpu", "fit", *arm_command(args.dataset, "warmup"), *common)
+            for arm in args.arms:
+                crowdseg("xmask_cpu", "fit", *arm_command(args.dataset, arm), *common)
+    result = compare(args.dataset, out)
+    result["table"] = table(result).splitlines()
+    write_results(ROOT / "benchmarks" / "results" / f"xmask_{args.dataset}_cpu.json", result,
+                  len(result["arms"]), out)
+    print("\n".join(result["table"]))
+    for when in ("at_last_step", "at_best"):
+        if f"gap_{when}" in result:
+            print(f"gap {when}: {result[f'gap_{when}']}")
+    if args.figure is not None:
+        figure(result, args.figure)
+        print(f"figure: {args.figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
