@@ -197,6 +197,7 @@ def test_kill_and_rerun_equals_uninterrupted_run(tmp_path, uninterrupted, kill_i
     assert int(_last(run)["global_step"]) == resumed_from
     partial = list((run / "checkpoints").glob(".*.tmp*"))
     assert bool(partial) == (kill_in == "checkpoint_write")
+    wandb_id = (run / "wandb_id").read_text()
 
     done = _fit(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -209,6 +210,7 @@ def test_kill_and_rerun_equals_uninterrupted_run(tmp_path, uninterrupted, kill_i
     metrics = json.loads((run / "metrics" / "val.json").read_text())["metrics"]
     assert metrics == reference_metrics
     assert not list(run.rglob("*.tmp*")), "the partial checkpoint was not cleaned up"
+    assert (run / "wandb_id").read_text() == wandb_id, "the rerun is not the same wandb run"
 
 
 def test_global_random_state_is_a_function_of_the_position():
