@@ -24,6 +24,7 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
                      f"{tmp / 'pred.txt'}: image 9 is not in the ground truth"),
         "splits": (["splits", "jhu", "--out", str(tmp / "splits")], "no official training list is known for 'jhu'"),
         "report": (["report", str(tmp)], "no runs (folders with config.yaml and checkpoints/) under"),
+        "sweep": (["sweep", str(missing)], f"{missing}: unreadable sweep file"),
     })
     return cases
 

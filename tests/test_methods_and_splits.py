@@ -37,6 +37,7 @@ def tiny_version(path: Path, runs_root: Path) -> list[str]:
                        ("model.head_channels", 16), ("density.channels", "[16]"), ("sam.model_type", "tiny"),
                        ("sam.checkpoint", "null"), ("rps.proposer_ckpt", "null"), ("boxinst.model.pretrained", "null"),
                        ("boxinst.model.backbone", "resnet18"), ("boxinst.init_ckpt", "null"),
+                       ("xmask.init_ckpt", "null"),
                        ("boxinst.eval_data.name", "null"), ("boxinst.train_images", "all")):
         if OmegaConf.select(cfg, key, default="absent") != "absent":
             overrides.append(f"{key}={value}")
