@@ -6,7 +6,9 @@ Per seed, with the framework's own commands (a killed script resumes its runs wh
    - semi:       `<d>_cpu.yaml`              the teacher's targets on the unlabeled images (XMask);
    - supervised: `<d>_cpu_supervised.yaml`   the control, labeled images only;
    - oracle:     `<d>_cpu_oracle.yaml`       the unlabeled images' true points (an upper bound of the branch);
-   - full:       the control with every image labeled (the far end of the gap).
+   - full:       the control with every image labeled (the far end of the gap);
+   - semi_weak / oracle_weak: semi and oracle with the strong view made weak (no colour, blur or cutout),
+                 a diagnostic of the strong augmentation, in their own experiment folders.
 `--summary` compares the arms at the last step of the grid and at each run's best validation of the
 monitored metric (the teacher's val MAE), as `crowdseg report --at-step / --best` do, with the
 mean-count baseline; how much of the gap between the control and the full run the semi-supervised
@@ -25,9 +27,11 @@ from pathlib import Path
 from bench_runs import ROOT, crowdseg, write_results
 
 EXPERIMENTS = ROOT / "experiments" / "xmask"
-ARMS = ("semi", "supervised", "oracle", "full")
+ARMS = ("semi", "supervised", "oracle", "full", "semi_weak", "oracle_weak")
 LABEL = {"semi": "XMask (teacher targets)", "supervised": "supervised control", "oracle": "oracle (true points)",
-         "full": "100 % labeled", "warmup": "stage 1 (supervised start)"}
+         "full": "100 % labeled", "warmup": "stage 1 (supervised start)",
+         "semi_weak": "XMask, no strong augmentation", "oracle_weak": "oracle, no strong augmentation"}
+WEAK_ONLY = ["xmask.strong=none", "xmask.cutout=false"]
 MONITOR = "val/teacher_mae"
 ALL_LABELED = {"shb": "data.label_fraction=100", "sha": "data.labeled_list=null"}
 
@@ -35,15 +39,23 @@ ALL_LABELED = {"shb": "data.label_fraction=100", "sha": "data.labeled_list=null"
 def arm_command(dataset: str, arm: str) -> list[str]:
     """The experiment and overrides of an arm (seed and runs_root aside)."""
     name = {"semi": "cpu", "supervised": "cpu_supervised", "oracle": "cpu_oracle", "full": "cpu_supervised",
-            "warmup": "cpu_warmup"}[arm]
-    return [str(EXPERIMENTS / f"{dataset}_{name}.yaml")] + ([ALL_LABELED[dataset]] if arm == "full" else [])
+            "warmup": "cpu_warmup", "semi_weak": "cpu", "oracle_weak": "cpu_oracle"}[arm]
+    extra = {"full": [ALL_LABELED[dataset]], "semi_weak": [f"name=xmask/{dataset}_cpu_clean", *WEAK_ONLY],
+             "oracle_weak": [f"name=xmask/{dataset}_cpu_oracle_clean", *WEAK_ONLY]}.get(arm, [])
+    return [str(EXPERIMENTS / f"{dataset}_{name}.yaml"), *extra]
+
+
+def experiment_folder(dataset: str, arm: str) -> str:
+    """Where an arm's runs land under runs_root: its `name=` override, else the experiment's name."""
+    names = [a.split("=", 1)[1] for a in arm_command(dataset, arm) if a.startswith("name=")]
+    return names[0] if names else f"xmask/{Path(arm_command(dataset, arm)[0]).stem}"
 
 
 def arm_runs(dataset: str, arm: str, out: Path) -> list[Path]:
     """The run directories of an arm under `out` (every seed), found by their recorded settings."""
     import yaml
 
-    experiment = f"xmask/{Path(arm_command(dataset, arm)[0]).stem}"
+    experiment = experiment_folder(dataset, arm)
     runs = []
     for config in sorted((out / experiment).glob("*/config.yaml")):
         cfg = yaml.safe_load(config.read_text())
@@ -168,7 +180,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=("shb", "sha"), default="shb")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS[:4]),
+                        help="the arms to train (default: the four of the comparison)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs", help="runs_root of the runs")
     parser.add_argument("--summary", action="store_true", help="only summarise the runs found under --out")
     parser.add_argument("--figure", type=Path, default=None, help="also write the val curves here (PNG)")
