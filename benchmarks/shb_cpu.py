@@ -1,0 +1,146 @@
+"""The ShanghaiTech B CPU recipes over seeds (issue 22; docs/p2p_real_data.md, the README's table).
+
+Trains `experiments/{p2p,density}/shb_cpu.yaml` for each seed with the framework's own command (a killed
+script resumes its runs when rerun), then summarises the runs of exactly the recipes' settings found
+under --out (sweep runs with other settings sit beside them in their own run directories and are left
+out): per model, val MAE at each run's best validation (the one best.ckpt holds) and at its last step,
+the point predictor's F1 at 8 px on the loaded images and in original-image pixels, mean +- std over
+seeds, with the mean-count baseline; it writes benchmarks/results/shb_cpu.json and, with --figure, the
+val curves (mean over seeds, std as a band).
+
+    OMP_NUM_THREADS=2 python benchmarks/shb_cpu.py --seeds 0 1 2
+    python benchmarks/shb_cpu.py --summary --out runs --figure docs/figures/shb_cpu_val.png
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from bench_runs import ROOT, crowdseg, write_results
+
+MODELS = {"p2p": "point predictor", "density": "density counter"}
+KEYS = ("val/mae", "val/rmse", "val/sigma_l_f1", "val/orig_sigma_l_f1", "val/orig_sigma_s_f1")
+
+
+def recipe(model: str, dataset: str) -> Path:
+    return ROOT / "experiments" / model / f"{dataset}_cpu.yaml"
+
+
+def recipe_runs(model: str, dataset: str, seeds: list[int], out: Path) -> dict[int, Path]:
+    """{seed: run directory} of the runs under `out` that hold the recipe's own settings."""
+    from crowdseg.config import load_config
+    from crowdseg.runs import locate_run
+
+    found = {}
+    for seed in seeds:
+        path, why = locate_run(load_config(recipe(model, dataset), [f"seed={seed}", f"runs_root={out}"]))
+        if why == "the run of these settings" and (path / "csv" / "metrics.csv").is_file():
+            found[seed] = path
+    return found
+
+
+def mean_std(values: list[float]) -> list[float]:
+    return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+
+
+def summarise(model: str, runs: dict[int, Path]) -> dict:
+    """Per seed and over seeds: the validation with the lowest val MAE and the last validation."""
+    import json
+
+    from crowdseg.report import val_history
+
+    histories = {seed: val_history(run) for seed, run in runs.items()}
+    per_seed = {}
+    for seed, history in histories.items():
+        best = min(history, key=lambda s: (history[s]["val/mae"], s))
+        last = max(history)
+        per_seed[seed] = {"best_step": best, "last_step": last,
+                          "at_best": {k: history[best][k] for k in KEYS if k in history[best]},
+                          "at_last": {k: history[last][k] for k in KEYS if k in history[last]}}
+    over = {when: {k: mean_std([p[when][k] for p in per_seed.values()]) for k in KEYS
+                   if all(k in p[when] for p in per_seed.values())} for when in ("at_best", "at_last")}
+    record = json.loads((next(iter(runs.values())) / "metrics" / "val.json").read_text())
+    return {"model": MODELS[model], "seeds": sorted(runs), "runs": {s: str(r) for s, r in runs.items()},
+            "baseline_val_mae": record["metrics"].get("val/mae_mean_baseline"), "per_seed": per_seed, **over,
+            "curve": {str(seed): {str(s): m["val/mae"] for s, m in sorted(h.items())} for seed, h in histories.items()}}
+
+
+def table(result: dict) -> str:
+    lines = ["| model | seeds | val MAE, best validation | val MAE, last step | F1@8, loaded / original pixels (best) | mean-count baseline |",
+             "|---|---|---:|---:|---:|---:|"]
+    for facts in result["models"].values():
+        cell = lambda when, key, f=".1f": "{:{f}} ± {:{f}}".format(*facts[when][key], f=f) if key in facts[when] else "-"
+        f1 = (f"{cell('at_best', 'val/sigma_l_f1', '.3f')} / {cell('at_best', 'val/orig_sigma_l_f1', '.3f')}"
+              if "val/sigma_l_f1" in facts["at_best"] else "-")
+        lines.append(f"| {facts['model']} | {','.join(map(str, facts['seeds']))} | {cell('at_best', 'val/mae')} "
+                     f"({'/'.join(str(p['best_step']) for p in facts['per_seed'].values())}) | "
+                     f"{cell('at_last', 'val/mae')} | {f1} | {facts['baseline_val_mae']:.1f} |")
+    return "\n".join(lines)
+
+
+def figure(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from crowdseg.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for facts in result["models"].values():
+        curves = list(facts["curve"].values())
+        steps = sorted(set.intersection(*({int(s) for s in c} for c in curves)))
+        values = [[c[str(s)] for c in curves] for s in steps]
+        mean = [statistics.mean(v) for v in values]
+        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        line, = ax.plot(steps, mean, "-o", ms=2, label=f"{facts['model']} (seeds {len(curves)})")
+        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.15)
+    baseline = next(iter(result["models"].values()))["baseline_val_mae"]
+    ax.axhline(baseline, color="black", ls="--", lw=1, label=f"mean-count baseline ({baseline:.1f})")
+    ax.set_ylim(0, baseline * 1.3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("val MAE, EMA weights (lower is better)")
+    ax.set_title(f"{result['dataset'].upper()} CPU recipes, resnet18 from scratch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=("shb", "sha"), default="shb")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs", help="runs_root of the runs")
+    parser.add_argument("--summary", action="store_true", help="only summarise the runs found under --out")
+    parser.add_argument("--figure", type=Path, default=None, help="also write the val curves here (PNG)")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    if not args.summary:
+        for seed in args.seeds:
+            for model in args.models:
+                crowdseg("shb_cpu", "fit", recipe(model, args.dataset), f"seed={seed}", f"runs_root={out}")
+    models = {}
+    for model in args.models:
+        runs = recipe_runs(model, args.dataset, args.seeds, out)
+        if runs:
+            models[model] = summarise(model, runs)
+    result = {"dataset": args.dataset, "models": models}
+    result["table"] = table(result).splitlines()
+    write_results(ROOT / "benchmarks" / "results" / f"{args.dataset}_cpu.json", result, len(models), out)
+    print("\n".join(result["table"]))
+    if args.figure is not None and models:
+        figure(result, args.figure)
+        print(f"figure: {args.figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
