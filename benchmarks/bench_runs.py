@@ -1,6 +1,6 @@
 """What the benchmark scripts that train share (boxinst_synthetic.py, boxinst_coco_persons.py,
-xmask_cpu.py): run the framework's own commands as children, so a killed script resumes its runs
-when rerun, and read the recorded metrics of runs named `<arm>_seed<N>`."""
+xmask_cpu.py, shb_cpu.py): run the framework's own commands as children, so a killed script resumes its
+runs when rerun, read the recorded metrics of runs named `<arm>_seed<N>`, and plot val curves over seeds."""
 from __future__ import annotations
 
 import json
@@ -55,3 +55,30 @@ def write_results(path: Path, results: dict, runs_found: int, out: Path) -> None
         raise SystemExit(f"no finished runs under {out}: {path.relative_to(ROOT)} left as it is (pass --out)")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(results, indent=1))
+
+
+def plot_over_seeds(ax, curves: dict[str, dict[str, float]], label: str, ms: float = 3) -> None:
+    """One line of the mean over seeds of `curves` ({seed: {step: value}}) at the steps every seed has,
+    with the seeds' standard deviation as a band."""
+    import statistics
+
+    steps = sorted(set.intersection(*({int(s) for s in c} for c in curves.values())))
+    values = [[c[str(s)] for c in curves.values()] for s in steps]
+    mean = [statistics.mean(v) for v in values]
+    std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+    line, = ax.plot(steps, mean, "-o", ms=ms, label=label)
+    ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                    color=line.get_color(), alpha=0.15)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write `fig` to `path` (PNG) atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    from crowdseg.io import atomic_path
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)

@@ -14,11 +14,10 @@ val curves (mean over seeds, std as a band).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
-from bench_runs import ROOT, crowdseg, write_results
+from bench_runs import ROOT, crowdseg, plot_over_seeds, save_figure, write_results
 
 MODELS = {"p2p": "point predictor", "density": "density counter"}
 KEYS = ("val/mae", "val/rmse", "val/sigma_l_f1", "val/orig_sigma_l_f1", "val/orig_sigma_s_f1")
@@ -46,15 +45,11 @@ def recipe_runs(model: str, dataset: str, seeds: list[int], out: Path) -> dict[i
     return found
 
 
-def mean_std(values: list[float]) -> list[float]:
-    return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
-
-
 def summarise(model: str, runs: dict[int, Path]) -> dict:
     """Per seed and over seeds: the validation with the lowest val MAE and the last validation."""
     import json
 
-    from crowdseg.report import val_history
+    from crowdseg.report import mean_std, val_history
 
     histories = {seed: val_history(run) for seed, run in runs.items()}
     per_seed = {}
@@ -91,18 +86,9 @@ def figure(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from crowdseg.io import atomic_path
-
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for facts in result["models"].values():
-        curves = list(facts["curve"].values())
-        steps = sorted(set.intersection(*({int(s) for s in c} for c in curves)))
-        values = [[c[str(s)] for c in curves] for s in steps]
-        mean = [statistics.mean(v) for v in values]
-        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        line, = ax.plot(steps, mean, "-o", ms=2, label=f"{facts['model']} (seeds {len(curves)})")
-        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                        color=line.get_color(), alpha=0.15)
+        plot_over_seeds(ax, facts["curve"], f"{facts['model']} (seeds {len(facts['curve'])})", ms=2)
     baseline = next(iter(result["models"].values()))["baseline_val_mae"]
     ax.axhline(baseline, color="black", ls="--", lw=1, label=f"mean-count baseline ({baseline:.1f})")
     ax.set_ylim(0, baseline * 1.3)
@@ -111,11 +97,7 @@ def figure(result: dict, path: Path) -> None:
     ax.set_title(f"{result['dataset'].upper()} CPU recipes, resnet18 from scratch")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> int:

@@ -20,11 +20,10 @@ run closes; it writes benchmarks/results/xmask_<d>_cpu.json and, with --figure, 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
-from bench_runs import ROOT, crowdseg, write_results
+from bench_runs import ROOT, crowdseg, plot_over_seeds, save_figure, write_results
 
 EXPERIMENTS = ROOT / "experiments" / "xmask"
 ARMS = ("semi", "supervised", "oracle", "full", "semi_weak", "oracle_weak")
@@ -74,13 +73,11 @@ def curves(runs: list[Path]) -> dict[int, dict[int, dict[str, float]]]:
     return {int(yaml.safe_load((r / "config.yaml").read_text())["seed"]): val_history(r) for r in runs}
 
 
-def mean_std(values: list[float]) -> list[float]:
-    return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
-
-
 def compare(dataset: str, out: Path) -> dict:
     """Per arm and seed, the val metrics at the grid's last step and at the best teacher validation;
     mean +- std over seeds; the gap and the share of it the semi-supervised arm closes."""
+    from crowdseg.report import mean_std
+
     keys = ("val/teacher_mae", "val/mae", "val/teacher_rmse", "val/unlabeled_teacher_count_mae")
     arms = {}
     for arm in ("warmup", *ARMS):
@@ -146,20 +143,10 @@ def figure(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from crowdseg.io import atomic_path
-
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for arm, facts in result["arms"].items():
-        if arm == "warmup":
-            continue
-        steps = sorted({int(s) for c in facts["curve"].values() for s in c}
-                       & set.intersection(*({int(s) for s in c} for c in facts["curve"].values())))
-        values = [[facts["curve"][seed][str(s)] for seed in facts["curve"]] for s in steps]
-        mean = [statistics.mean(v) for v in values]
-        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        line, = ax.plot(steps, mean, "-o", ms=3, label=f"{LABEL[arm]} (n={len(facts['seeds'])})")
-        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                        color=line.get_color(), alpha=0.15)
+        if arm != "warmup":
+            plot_over_seeds(ax, facts["curve"], f"{LABEL[arm]} (n={len(facts['seeds'])})")
     if "warmup" in result["arms"]:
         start = result["arms"]["warmup"]["at_last_step"][MONITOR][0]
         ax.axhline(start, color="grey", ls=":", label=f"stage-1 end ({start:.1f})")
@@ -171,11 +158,7 @@ def figure(result: dict, path: Path) -> None:
     ax.set_title(f"XMask phase 1 on {result['dataset'].upper()}, resnet18 from scratch, CPU")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> int:
