@@ -123,3 +123,12 @@ def test_final_val_metrics_are_the_final_weights(tiny_overrides, capsys):
     assert main(["validate", "--ckpt", result["checkpoint"]]) == 0
     again = json.loads((Path(result["run_dir"]) / "metrics" / "val.json").read_text())
     assert again["metrics"]["val/mae"] == pytest.approx(result["val/mae"], abs=1e-5)
+    assert again["metrics"]["val/mae_mean_baseline"] == pytest.approx(result["val/mae_mean_baseline"])
+    assert "settings" not in again                      # the run's own settings
+    # the header names the checkpoint's step; no per-validation line claims "step 0"
+    out = capsys.readouterr().out
+    assert "(step 6)" in out and "validation at step 0" not in out
+    # an evaluation with other settings says so in its record
+    assert main(["validate", "--ckpt", result["checkpoint"], "loss.score_threshold=0.9"]) == 0
+    other = json.loads((Path(result["run_dir"]) / "metrics" / "val.json").read_text())
+    assert other["settings"] == {"loss.score_threshold": 0.9} and "val/mae_mean_baseline" in other["metrics"]

@@ -103,7 +103,7 @@ def locate_run(cfg: DictConfig) -> tuple[Path, str]:
     from omegaconf import OmegaConf
 
     base = base_run_dir(cfg)
-    stored = _stored_config(base)
+    stored = stored_config(base)
     if stored is None:
         return base, "new run"
     current = OmegaConf.to_container(cfg, resolve=True)
@@ -130,7 +130,19 @@ def trained_run_dir(cfg: DictConfig) -> Path:
     return path if path.exists() else base_run_dir(cfg)
 
 
-def _stored_config(path: Path) -> Optional[dict[str, Any]]:
+def changed_settings(path: Path, cfg: DictConfig) -> dict[str, Any]:
+    """{key: value} of the settings in `cfg` that differ from those of the run in `path` (its `config.yaml`)
+    in a way that would make another run: what an evaluation with overrides (`loss.score_threshold=0.67`,
+    another `data.root`) records beside its metrics, so a record says what produced it."""
+    from omegaconf import OmegaConf
+
+    stored = stored_config(path)
+    if stored is None:
+        return {}
+    return {k: new for k, (_, new) in config_differences(stored, OmegaConf.to_container(cfg, resolve=True)).items()}
+
+
+def stored_config(path: Path) -> Optional[dict[str, Any]]:
     import yaml
 
     try:

@@ -18,7 +18,7 @@ from crowdseg.io import remove_stale_temporaries
 from crowdseg.methods import METHODS, Job, Method
 from crowdseg.metrics import write_metrics_json
 from crowdseg.runs import (CONFIG_KEY, AtomicCheckpointIO, best_checkpoint, build_checkpoint_callbacks, build_loggers,
-                           check_checkpoint, last_checkpoint, locate_run, prepare_run_dir, run_dir, trained_run_dir)
+                           changed_settings, check_checkpoint, last_checkpoint, locate_run, prepare_run_dir, run_dir, trained_run_dir)
 
 
 
@@ -214,7 +214,8 @@ class ValidationStep(Callback):
         if trainer.sanity_checking:
             return
         self.step = trainer.global_step
-        if self.report and trainer.is_global_zero:
+        # while fitting only: `crowdseg validate` restores weights, not the step (its header names the step)
+        if self.report and trainer.is_global_zero and trainer.state.fn == "fit":
             logged = _floats(trainer.callback_metrics)
             shown = ", ".join(f"{k} {logged[k]:.4g}" for k in self.REPORTED if k in logged)
             print(f"[crowdseg] validation at step {trainer.global_step} (epoch {trainer.current_epoch}): "
@@ -273,17 +274,22 @@ def evaluate(cfg: DictConfig, stage: str = "validate", run_path: Optional[Path] 
     trainer = build_trainer(cfg, path, job, callbacks)
     previous = _read_json(path / "metrics" / f"{split}.json")
     dataset = job.datamodule.dataset(split)
+    step = _step_of(ckpt)
     if trainer.is_global_zero:
-        print(f"[crowdseg] {stage}: {len(dataset)} images ({images or split}) with {ckpt}", flush=True)
+        print(f"[crowdseg] {stage}: {len(dataset)} images ({images or split}) with {ckpt} (step {step})", flush=True)
     run = {"validate": trainer.validate, "test": trainer.test, "predict": trainer.predict}[stage]
     run(job.module, datamodule=job.datamodule, ckpt_path=str(ckpt), **({"return_predictions": False} if stage == "predict" else {}))
     if stage == "predict":
         return {"predictions": str(out_dir), "images": len(dataset), "run_dir": str(path), "checkpoint": str(ckpt)}
     metrics = _floats(trainer.callback_metrics)
+    if stage == "validate" and "val/mae" in metrics:  # as in fit's record: the bar beside the result
+        metrics["val/mae_mean_baseline"] = mean_count_baseline(job.datamodule)
     if trainer.is_global_zero:
-        record = {"split": split, "images": len(dataset), "checkpoint": str(ckpt),
-                  "step": _step_of(ckpt),
+        record = {"split": split, "images": len(dataset), "checkpoint": str(ckpt), "step": step,
                   "labels": _plain(cfg.labels), "metrics": {k: v for k, v in metrics.items() if k.startswith(f"{split}/")}}
+        changed = changed_settings(path, cfg)
+        if changed:
+            record["settings"] = changed
         if previous and previous.get("checkpoint") not in (None, str(ckpt)):
             record["previous"] = {k: v for k, v in previous.items() if k != "previous"}
             print(f"[crowdseg] metrics/{split}.json: the earlier result ({previous.get('checkpoint')}) is kept "
