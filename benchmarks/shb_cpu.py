@@ -73,17 +73,17 @@ def summarise(model: str, runs: dict[int, Path]) -> dict:
 
 
 def calibrated_last(run: Path) -> dict:
-    """The point predictor's val metrics at its last step, decoded at the score threshold 1 / (1 + eos_coef)
-    instead of P2PNet's 0.5. The weighted cross-entropy (background weight w = eos_coef) is minimised by
-    q = p / (p + w (1 - p)), so q > 1 / (1 + w) exactly where the person probability p > 1/2: with w = 0.5
-    the 0.5 threshold keeps points that are people with p > 1/3 only, and the count drifts up as the
-    classifier calibrates (docs/p2p_real_data.md). The threshold is derived, not chosen on val."""
+    """The point predictor's val metrics at its last step, decoded at `unweighted_threshold(eos_coef)`
+    = 1 / (1 + eos_coef) instead of P2PNet's 0.5: the score above which the person probability exceeds 1/2
+    under the weighted cross-entropy (with eos_coef 0.5, 0.5 keeps points with p > 1/3 and the count drifts up
+    as the classifier calibrates; docs/p2p_real_data.md). The threshold is derived, not chosen on val."""
     import json
 
     import yaml
 
-    eos_coef = yaml.safe_load((run / "config.yaml").read_text())["loss"]["eos_coef"]
-    threshold = round(1 / (1 + eos_coef), 4)
+    from crowdseg.losses.p2p import unweighted_threshold
+
+    threshold = round(unweighted_threshold(yaml.safe_load((run / "config.yaml").read_text())["loss"]["eos_coef"]), 4)
     ckpt = run / "checkpoints" / "last.ckpt"
     crowdseg("shb_cpu", "validate", "--ckpt", ckpt, f"loss.score_threshold={threshold}")
     record = json.loads((run / "metrics" / "val.json").read_text())

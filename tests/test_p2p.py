@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from crowdseg.losses.p2p import P2PLoss, hungarian_match, p2p_loss
+from crowdseg.losses.p2p import P2PLoss, hungarian_match, p2p_loss, unweighted_threshold
 from crowdseg.models.backbone import create_backbone
 from crowdseg.models.p2p import PointPredictor, anchor_points, select_points
 
@@ -55,6 +55,35 @@ def test_class_weights_follow_eos_coef():
     out = p2p_loss(logits, points, gt, matches, eos_coef=0.25, point_loss_coef=0.0)
     ce = math.log(1 + math.exp(-2))  # both proposals correctly classified with margin 2
     assert out["cls"].item() == pytest.approx((0.25 * ce + 1.0 * ce) / 1.25)
+
+
+@pytest.mark.parametrize("eos_coef", [0.5, 0.25])
+@pytest.mark.parametrize("positives", [3, 5, 7])
+def test_unweighted_threshold_splits_at_person_probability_one_half(eos_coef, positives):
+    """Fit one logit pair to 10 identical proposals of which `positives` are people (p = positives / 10) with
+    the loss itself: its score q is p / (p + w (1 - p)), at the threshold 1 / (1 + w) when p = 1/2, and above
+    it exactly when p > 1/2 (P2PNet's 0.5 is passed from p = w / (1 + w) on: 1/3 with w = 0.5)."""
+    n = 10
+    logit = torch.zeros(2, requires_grad=True)
+    gt = [torch.zeros(positives, 2)]
+    matches = [(torch.arange(positives), torch.arange(positives))]
+    optimizer = torch.optim.LBFGS([logit], lr=1, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-12)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = p2p_loss(logit.expand(1, n, 2), torch.zeros(1, n, 2), gt, matches, eos_coef, 0.0)["loss"]
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    q = logit.softmax(0)[1].item()
+    p = positives / n
+    assert q == pytest.approx(p / (p + eos_coef * (1 - p)), abs=1e-4)
+    threshold = unweighted_threshold(eos_coef)
+    assert (q > threshold + 1e-4) == (p > 0.5) and (abs(q - threshold) < 1e-4) == (p == 0.5)
+    assert (q > 0.5) == (p > eos_coef / (1 + eos_coef))  # 0.5 keeps p > 1/3 at w = 0.5, p > 1/5 at w = 0.25
+    with pytest.raises(ValueError, match="eos_coef"):
+        unweighted_threshold(0.0)
 
 
 def test_point_predictor_shapes_and_select():

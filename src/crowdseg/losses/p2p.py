@@ -12,6 +12,18 @@ from torch import nn
 from crowdseg.choices import CLS_LOSSES, MATCH_ON
 
 
+def unweighted_threshold(eos_coef: float) -> float:
+    """The score threshold that keeps exactly the points whose person probability p exceeds 1/2 under the
+    weighted cross-entropy (background weight w = eos_coef, person 1): 1 / (1 + w).
+
+    The expected loss -[p log q + w (1 - p) log(1 - q)] is minimised at q = p / (p + w (1 - p)), an odds
+    ratio q / (1 - q) = (1 / w) p / (1 - p); q = 1 / (1 + w) exactly where p = 1/2. P2PNet's 0.5 with w = 0.5
+    keeps points with p > 1/3, so a calibrating classifier over-counts (docs/p2p_real_data.md)."""
+    if not eos_coef > 0:
+        raise ValueError(f"eos_coef must be > 0, got {eos_coef}")
+    return 1.0 / (1.0 + eos_coef)
+
+
 @torch.no_grad()
 def hungarian_match(pred_points: torch.Tensor, pred_person_prob: torch.Tensor, gt_points: torch.Tensor,
                     cost_point: float = 0.05, cost_class: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
