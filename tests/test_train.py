@@ -128,7 +128,10 @@ def test_final_val_metrics_are_the_final_weights(tiny_overrides, capsys):
     # the header names the checkpoint's step; no per-validation line claims "step 0"
     out = capsys.readouterr().out
     assert "(step 6)" in out and "validation at step 0" not in out
-    # an evaluation with other settings says so in its record
+    # an evaluation with other settings says so in its record, and leaves the training log alone (a row
+    # at Lightning's step 0 would read as a validation of the run in `crowdseg report`)
+    log = (Path(result["run_dir"]) / "csv" / "metrics.csv").read_text()
     assert main(["validate", "--ckpt", result["checkpoint"], "loss.score_threshold=0.9"]) == 0
+    assert (Path(result["run_dir"]) / "csv" / "metrics.csv").read_text() == log
     other = json.loads((Path(result["run_dir"]) / "metrics" / "val.json").read_text())
     assert other["settings"] == {"loss.score_threshold": 0.9} and "val/mae_mean_baseline" in other["metrics"]

@@ -16,8 +16,6 @@ QUIET_WARNINGS = (
     (UserWarning, r"Checkpoint directory .* exists and is not empty"),  # every resumed run's, by design
     # epoch-level values crowdseg logs are torchmetrics results, already reduced over the DDP ranks
     (Warning, r"It is recommended to use `self.log\(.*sync_dist=True\)`"),
-    # validate / test / predict of a checkpoint: its weights are already the averaged ones (crowdseg.averaging)
-    (UserWarning, r"You're using the WeightAveraging callback, but loading a checkpoint outside the 'fit' stage"),
 )
 
 

@@ -214,8 +214,7 @@ class ValidationStep(Callback):
         if trainer.sanity_checking:
             return
         self.step = trainer.global_step
-        # while fitting only: `crowdseg validate` restores weights, not the step (its header names the step)
-        if self.report and trainer.is_global_zero and trainer.state.fn == "fit":
+        if self.report and trainer.is_global_zero:
             logged = _floats(trainer.callback_metrics)
             shown = ", ".join(f"{k} {logged[k]:.4g}" for k in self.REPORTED if k in logged)
             print(f"[crowdseg] validation at step {trainer.global_step} (epoch {trainer.current_epoch}): "
@@ -271,7 +270,9 @@ def evaluate(cfg: DictConfig, stage: str = "validate", run_path: Optional[Path] 
             job.datamodule.datasets["predict"] = folder_dataset(cfg, images)
         out_dir = Path(out) if out else path / "predictions" / (Path(images).name if images else cfg.data.test_split)
         callbacks.append(PredictionWriter(out_dir))
-    trainer = build_trainer(cfg, path, job, callbacks)
+    # records=False: no logger (an evaluation at Lightning's step 0 in csv/metrics.csv or on wandb would read
+    # as a training-time validation), no EMA callback (a checkpoint's weights are already the averaged ones)
+    trainer = build_trainer(cfg, path, job, callbacks, records=False)
     previous = _read_json(path / "metrics" / f"{split}.json")
     dataset = job.datamodule.dataset(split)
     step = _step_of(ckpt)
