@@ -18,7 +18,8 @@ from crowdseg.io import remove_stale_temporaries
 from crowdseg.methods import METHODS, Job, Method
 from crowdseg.metrics import write_metrics_json
 from crowdseg.runs import (CONFIG_KEY, AtomicCheckpointIO, best_checkpoint, build_checkpoint_callbacks, build_loggers,
-                           changed_settings, check_checkpoint, last_checkpoint, locate_run, prepare_run_dir, run_dir, trained_run_dir)
+                           changed_settings, check_checkpoint, last_checkpoint, locate_run, prepare_run_dir, run_dir,
+                           trained_run_dir)
 
 
 
