@@ -34,18 +34,14 @@ def recipe(model: str, dataset: str) -> Path:
 
 def recipe_runs(model: str, dataset: str, seeds: list[int], out: Path) -> dict[int, Path]:
     """{seed: run directory} of the runs under `out` that hold the recipe's own settings."""
-    import yaml
-    from omegaconf import OmegaConf
-
     from crowdseg.config import load_config
-    from crowdseg.runs import config_differences, run_dir
+    from crowdseg.runs import changed_settings, run_dir
 
     found = {}
     for seed in seeds:
         cfg = load_config(recipe(model, dataset), [f"seed={seed}", f"runs_root={out}"])
         path = run_dir(cfg)
-        if (path / "csv" / "metrics.csv").is_file() and not config_differences(
-                yaml.safe_load((path / "config.yaml").read_text()), OmegaConf.to_container(cfg, resolve=True)):
+        if (path / "csv" / "metrics.csv").is_file() and not changed_settings(path, cfg):
             found[seed] = path
     return found
 
